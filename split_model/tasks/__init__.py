@@ -1,0 +1,49 @@
+"""Reasoning benchmarks behind one interface, and the registry that names them.
+
+Every task gives `Example(question, steps, answer)` per split and scores a
+prediction; `get_task("prosqa", valid_path=...)` builds one by name, and
+configs can instead name a class with `class_path` / `init_args`.
+"""
+
+from __future__ import annotations
+
+from split_model.tasks.base import SPLITS, Example, FileTask, Split, Task
+from split_model.tasks.coconut_json import (
+    CoconutJSON,
+    ProntoQA,
+    ProsQA,
+    ProsQAGenConfig,
+    generate_prosqa,
+    write_prosqa,
+)
+from split_model.tasks.icot import IcotMultiplication
+from split_model.tasks.state_tracking import StateTracking
+
+# Keyed by each class's own `name`, so the key and the class cannot disagree.
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (StateTracking, IcotMultiplication, ProsQA, ProntoQA)}
+
+
+def get_task(name: str, **kwargs: object) -> Task:
+    """Build the task registered as `name`, passing `kwargs` to its constructor."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "CoconutJSON",
+    "Example",
+    "FileTask",
+    "IcotMultiplication",
+    "ProntoQA",
+    "ProsQA",
+    "ProsQAGenConfig",
+    "Split",
+    "StateTracking",
+    "Task",
+    "generate_prosqa",
+    "get_task",
+    "write_prosqa",
+]

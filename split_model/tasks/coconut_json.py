@@ -1,0 +1,363 @@
+"""ProsQA and ProntoQA in the Coconut JSON format, and a ProsQA-style generator.
+
+Coconut stores a split as one JSON list; each item has `question` (str),
+`steps` (list of str) and `answer` (str), and ProsQA items add the graph the
+question was written from (`idx_to_symbol`, `edges`, `root`, `target`,
+`neg_target`). Extra keys are ignored by the loader.
+
+ProsQA has no public train split, so `ProsQA` generates one when no
+`train_path` is given. The generator writes the same format: a random DAG over
+made-up "-pus" concepts and a few people, stated as shuffled facts
+("Every shumpus is a rempus.", "Tom is a terpus."), and a question whose answer
+is the one option reachable from the person. The reasoning steps are a
+shortest path from the person to the answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from split_model.tasks.base import Example, FileTask, Split, require_examples
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def _item_to_example(item: Any) -> Example:
+    """Validate one JSON item and turn it into an Example (ValueError on bad input)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"expected an object, got {type(item).__name__}")
+    missing = [key for key in ("question", "steps", "answer") if key not in item]
+    if missing:
+        raise ValueError(f"missing key(s) {', '.join(missing)}")
+    question, steps, answer = item["question"], item["steps"], item["answer"]
+    if not isinstance(question, str) or not isinstance(answer, str):
+        raise ValueError("'question' and 'answer' must be strings")
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        raise ValueError("'steps' must be a list of strings")
+    return Example(question=question, steps=tuple(steps), answer=answer)
+
+
+def read_coconut_json(path: Path) -> list[Example]:
+    """Parse a Coconut JSON list file; errors name the file and the item index."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of examples, got {type(items).__name__}")
+    examples = []
+    for index, item in enumerate(items):
+        try:
+            examples.append(_item_to_example(item))
+        except ValueError as err:
+            raise ValueError(f"{path}, item {index}: {err}") from None
+    return examples
+
+
+class CoconutJSON(FileTask):
+    """Any benchmark stored as Coconut JSON lists, one file per split."""
+
+    def parse_file(self, path: Path) -> list[Example]:
+        return read_coconut_json(path)
+
+
+class ProntoQA(CoconutJSON):
+    """ProntoQA 5-hop true/false deduction over a fictional ontology."""
+
+    name = "prontoqa"
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        valid_path: str | None = None,
+        test_path: str | None = None,
+        max_examples: int | None = None,
+    ) -> None:
+        """Point each split at a Coconut JSON file.
+
+        Args:
+            train_path: JSON file with the train split, e.g. .../prontoqa/prontoqa_train.json.
+            valid_path: JSON file with the valid split, e.g. .../prontoqa/prontoqa_valid.json.
+            test_path: JSON file with the test split.
+            max_examples: keep only the first this many examples of each split (None: all).
+        """
+        super().__init__(train_path, valid_path, test_path, max_examples)
+
+
+class ProsQA(CoconutJSON):
+    """ProsQA graph reachability; the train split is generated when no file is given."""
+
+    name = "prosqa"
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        valid_path: str | None = None,
+        test_path: str | None = None,
+        max_examples: int | None = None,
+        n_generated: int = 10000,
+        seed: int = 0,
+    ) -> None:
+        """Point each split at a Coconut JSON file, or generate the train split.
+
+        Args:
+            train_path: JSON file with the train split; None generates it in-process.
+            valid_path: JSON file with the valid split, e.g. .../prosqa/prosqa_valid.json.
+            test_path: JSON file with the test split.
+            max_examples: keep only the first this many examples of each split (None: all).
+            n_generated: number of train examples to generate when train_path is None.
+            seed: seed of the train generator when train_path is None.
+        """
+        super().__init__(train_path, valid_path, test_path, max_examples)
+        if n_generated < 1:
+            raise ValueError(f"n_generated must be >= 1, got {n_generated}")
+        self.n_generated = n_generated
+        self.seed = seed
+
+    def _load_split(self, split: Split) -> list[Example]:
+        if split != "train" or self.paths["train"] is not None:
+            return super()._load_split(split)
+        items = generate_prosqa(self.n_generated, seed=self.seed)
+        examples = [_item_to_example(item) for item in items][: self.max_examples]
+        source = f"generated with n_generated={self.n_generated}, seed={self.seed}"
+        return require_examples(examples, self.name, split, source)
+
+
+# ---------------------------------------------------------------------------
+# Generating ProsQA-style items
+
+PERSON_NAMES = (
+    "Alex", "Bob", "Davis", "Fae", "Gina", "Hugo", "Ivy", "Jack", "Kim", "Lena",
+    "Max", "Nina", "Omar", "Polly", "Rex", "Sally", "Sam", "Stella", "Tom", "Wren",
+)  # fmt: skip
+# Concept names are onset + rime + "us" ("sh" + "ump" + "us" = "shumpus").
+ONSETS = (
+    "", "b", "bl", "br", "ch", "d", "f", "g", "gl", "gr", "gw", "h", "j", "k", "l",
+    "m", "n", "r", "s", "sc", "scr", "sh", "sl", "st", "t", "tr", "v", "w", "y", "z", "zh",
+)  # fmt: skip
+RIMES = ("amp", "arp", "elp", "emp", "erp", "ilp", "imp", "irp", "olp", "omp", "orp", "ump", "urp", "oomp")
+CONCEPT_NAMES = tuple(onset + rime + "us" for onset, rime in itertools.product(ONSETS, RIMES))
+
+
+@dataclass(frozen=True)
+class ProsQAGenConfig:
+    """Shape of generated ProsQA graphs; defaults follow the public valid split."""
+
+    min_nodes: int = 17  # fewest symbols (people + concepts) per item; real data: 17
+    max_nodes: int = 28  # most symbols per item; real data: 28, median 23
+    path_lengths: tuple[int, ...] = (3, 4, 5, 6)  # possible numbers of reasoning steps
+    path_weights: tuple[float, ...] = (124, 133, 36, 7)  # how often each length occurs in real data
+    edges_per_node: float = 1.6  # facts per symbol; real data median 1.57
+    extra_person_prob: float = 0.4  # chance of each further distractor person; real: 40% have 3+
+    max_people: int = 6  # cap on people per item, including root and the second person
+    max_tries: int = 1000  # graph resamples per item before giving up
+
+    def __post_init__(self) -> None:
+        if len(self.path_lengths) != len(self.path_weights) or not self.path_lengths:
+            raise ValueError(
+                f"path_lengths {self.path_lengths} and path_weights {self.path_weights} "
+                "must be non-empty and of equal length"
+            )
+        if min(self.path_lengths) < 1:
+            raise ValueError(f"path_lengths must be >= 1, got {self.path_lengths}")
+        # Two people, the path's concepts, and neg_target with one parent concept.
+        needed = max(self.path_lengths) + 4
+        if not needed <= self.min_nodes <= self.max_nodes:
+            raise ValueError(
+                f"need {needed} <= min_nodes ({self.min_nodes}) <= max_nodes ({self.max_nodes}) "
+                f"for paths of up to {max(self.path_lengths)} steps"
+            )
+        if self.max_nodes - 2 > len(CONCEPT_NAMES) or not 2 <= self.max_people <= len(PERSON_NAMES):
+            raise ValueError(
+                f"max_nodes ({self.max_nodes}) or max_people ({self.max_people}) exceed the "
+                f"{len(CONCEPT_NAMES)} concept and {len(PERSON_NAMES)} person names available"
+            )
+
+
+def reachable(edges: list[list[int]] | list[tuple[int, int]], start: int) -> dict[int, int]:
+    """Shortest distance (in edges) from `start` to every node reachable from it."""
+    children: dict[int, list[int]] = {}
+    for src, dst in edges:
+        children.setdefault(src, []).append(dst)
+    dist = {start: 0}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for child in children.get(node, ()):
+            if child not in dist:
+                dist[child] = dist[node] + 1
+                queue.append(child)
+    return dist
+
+
+class _GraphBuilder:
+    """One candidate item: a DAG grown edge by edge under ProsQA's invariants.
+
+    Nodes are numbered in topological order (every edge goes from a lower to a
+    higher index), with the two main people at 0 and 1, as in the real data.
+    Every edge added keeps three promises: `target` is reachable from `root` at
+    distance exactly `n_steps` (so the chosen path stays a shortest one),
+    `neg_target` is not reachable from `root`, and both options stay leaves.
+    """
+
+    def __init__(self, rng: random.Random, n_nodes: int, n_steps: int, people: list[int]) -> None:
+        self.rng = rng
+        self.n_nodes = n_nodes
+        self.n_steps = n_steps
+        self.people = people
+        self.concepts = [i for i in range(n_nodes) if i not in set(people)]
+        self.root = rng.choice([0, 1])
+        self.edges: list[tuple[int, int]] = []
+        self.edge_set: set[tuple[int, int]] = set()
+        self.dist: dict[int, int] = {self.root: 0}  # distances from root, kept current
+
+    def plant(self) -> bool:
+        """Lay the answer path from root and a distractor chain to neg_target."""
+        self.path = sorted(self.rng.sample(self.concepts, self.n_steps))
+        self.target = self.path[-1]
+        off_path = [c for c in self.concepts if c not in set(self.path)]
+        self.neg_target = self.rng.choice(off_path)
+        below = [c for c in off_path if c < self.neg_target]
+        chain_len = min(self.rng.randint(1, self.n_steps), len(below) + 1)
+        chain = sorted(self.rng.sample(below, chain_len - 1)) + [self.neg_target]
+        other = 1 - self.root
+        for src, dst in itertools.pairwise([self.root, *self.path]):
+            self.edges.append((src, dst))
+        for src, dst in itertools.pairwise([other, *chain]):
+            self.edges.append((src, dst))
+        self.edge_set = set(self.edges)
+        self.dist = reachable(self.edges, self.root)
+        return self._valid(self.dist)
+
+    def _valid(self, dist: dict[int, int]) -> bool:
+        return dist.get(self.target) == self.n_steps and self.neg_target not in dist
+
+    def try_add(self, src: int, dst: int) -> bool:
+        """Add src -> dst if allowed and it keeps the invariants; report whether it did."""
+        if src >= dst or dst in self.people or src in (self.target, self.neg_target):
+            return False
+        if (src, dst) in self.edge_set:
+            return False
+        if src in self.dist:  # only then can reachability from root change
+            dist = reachable([*self.edges, (src, dst)], self.root)
+            if not self._valid(dist):
+                return False
+            self.dist = dist
+        self.edges.append((src, dst))
+        self.edge_set.add((src, dst))
+        return True
+
+    def connect_all(self) -> bool:
+        """Give every concept a parent and every person a child, so all are mentioned."""
+        has_parent = {dst for _, dst in self.edges}
+        for concept in self.concepts:
+            if concept not in has_parent and not self._add_one([(u, concept) for u in range(concept)]):
+                return False
+        has_child = {src for src, _ in self.edges}
+        for person in self.people:
+            if person not in has_child and not self._add_one([(person, c) for c in self.concepts]):
+                return False
+        return True
+
+    def _add_one(self, candidates: list[tuple[int, int]]) -> bool:
+        """Add the first of `candidates` (in random order) that is allowed."""
+        self.rng.shuffle(candidates)
+        return any(self.try_add(src, dst) for src, dst in candidates)
+
+    def add_random_edges(self, n_edges: int) -> None:
+        """Add random allowed edges until there are `n_edges` (or attempts run out)."""
+        for _ in range(20 * n_edges):
+            if len(self.edges) >= n_edges:
+                return
+            src, dst = sorted(self.rng.sample(range(self.n_nodes), 2))
+            self.try_add(src, dst)
+
+
+def _sample_people(rng: random.Random, n_nodes: int, cfg: ProsQAGenConfig) -> list[int]:
+    """Node indices of the people: 0 and 1, plus distractors at random positions."""
+    n_extra = 0
+    while n_extra < cfg.max_people - 2 and rng.random() < cfg.extra_person_prob:
+        n_extra += 1
+    # Leave at least the path, neg_target and one chain node as concepts.
+    n_extra = min(n_extra, n_nodes - 2 - max(cfg.path_lengths) - 2)
+    return [0, 1, *sorted(rng.sample(range(2, n_nodes), n_extra))]
+
+
+def _build_graph(rng: random.Random, cfg: ProsQAGenConfig) -> _GraphBuilder | None:
+    """One attempt at a valid graph, or None if this draw cannot satisfy the invariants."""
+    n_nodes = rng.randint(cfg.min_nodes, cfg.max_nodes)
+    n_steps = rng.choices(cfg.path_lengths, weights=cfg.path_weights)[0]
+    graph = _GraphBuilder(rng, n_nodes, n_steps, _sample_people(rng, n_nodes, cfg))
+    if not graph.plant() or not graph.connect_all():
+        return None
+    graph.add_random_edges(round(cfg.edges_per_node * n_nodes))
+    return graph
+
+
+def _to_item(rng: random.Random, graph: _GraphBuilder) -> dict[str, Any]:
+    """Name the nodes and write the graph out as a ProsQA JSON item."""
+    person_names = iter(rng.sample(PERSON_NAMES, len(graph.people)))
+    concept_names = iter(rng.sample(CONCEPT_NAMES, len(graph.concepts)))
+    people = set(graph.people)
+    symbols = [next(person_names) if i in people else next(concept_names) for i in range(graph.n_nodes)]
+
+    def fact(src: int, dst: int) -> str:
+        subject = symbols[src] if src in people else f"Every {symbols[src]}"
+        return f"{subject} is a {symbols[dst]}."
+
+    facts = [fact(src, dst) for src, dst in graph.edges]
+    rng.shuffle(facts)
+    options = [symbols[graph.target], symbols[graph.neg_target]]
+    rng.shuffle(options)
+    person = symbols[graph.root]
+    question = " ".join(facts) + f" Is {person} a {options[0]} or {options[1]}?"
+    path = [graph.root, *graph.path]
+    # Real files list edges grouped by destination, in no particular order within a group.
+    edges = list(graph.edges)
+    rng.shuffle(edges)
+    edges.sort(key=lambda edge: edge[1])
+    return {
+        "question": question,
+        "answer": f"{person} is a {symbols[graph.target]}.",
+        "steps": [fact(src, dst) for src, dst in itertools.pairwise(path)],
+        "idx_to_symbol": symbols,
+        "edges": [[src, dst] for src, dst in edges],
+        "root": graph.root,
+        "target": graph.target,
+        "neg_target": graph.neg_target,
+    }
+
+
+def generate_prosqa(n: int, seed: int = 0, config: ProsQAGenConfig | None = None) -> list[dict[str, Any]]:
+    """Generate `n` ProsQA-format items, deterministically from `seed`.
+
+    Every item satisfies the invariants of the real data: `target` is reachable
+    from `root`, `neg_target` is not, both are leaves, and `steps` is a
+    shortest path from `root` to `target`.
+    """
+    cfg = config or ProsQAGenConfig()
+    rng = random.Random(seed)
+    return [_generate_one(rng, cfg) for _ in range(n)]
+
+
+def _generate_one(rng: random.Random, cfg: ProsQAGenConfig) -> dict[str, Any]:
+    for _ in range(cfg.max_tries):
+        graph = _build_graph(rng, cfg)
+        if graph is not None:
+            return _to_item(rng, graph)
+    raise RuntimeError(f"no valid ProsQA graph in {cfg.max_tries} tries with {cfg}")
+
+
+def write_prosqa(path: str | Path, n: int, seed: int = 0, config: ProsQAGenConfig | None = None) -> Path:
+    """Generate `n` items and write them as one JSON list to `path` (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(generate_prosqa(n, seed, config)), encoding="utf-8")
+    return path

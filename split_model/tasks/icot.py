@@ -1,0 +1,72 @@
+"""Multi-digit multiplication in the Implicit-CoT line format.
+
+Each line of a file is `INPUT||COT #### OUTPUT`, numbers written as
+space-separated digits, least-significant digit first:
+
+    5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + ... #### 5 5 6 0 8 2 0 1
+
+The chain of thought is a sum of partial products (with running sums in
+parentheses); each ` + `-separated term becomes one reasoning step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from split_model.tasks.base import Example, FileTask
+
+
+def parse_icot_line(line: str) -> Example:
+    """Parse one `INPUT||COT #### OUTPUT` line; raise ValueError if it is malformed."""
+    if "||" not in line or "####" not in line:
+        raise ValueError("expected 'INPUT||COT #### OUTPUT'")
+    question, rest = line.split("||", 1)
+    cot, answer = rest.rsplit("####", 1)
+    question, cot, answer = question.strip(), cot.strip(), answer.strip()
+    if not question or not answer:
+        raise ValueError("empty INPUT or OUTPUT")
+    steps = tuple(step.strip() for step in cot.split(" + ")) if cot else ()
+    return Example(question=question, steps=steps, answer=answer)
+
+
+def read_icot_file(path: Path) -> list[Example]:
+    """Parse every non-empty line of `path`.
+
+    Lines are split on "\\n" only: str.splitlines() also breaks on Unicode line
+    separators, which occur inside some questions of this format.
+    """
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(parse_icot_line(line))
+        except ValueError as err:
+            raise ValueError(f"{path}, line {lineno}: malformed ICoT line ({err}): {line[:80]!r}") from None
+    return examples
+
+
+class IcotMultiplication(FileTask):
+    """N x N digit multiplication with a long-multiplication chain of thought."""
+
+    name = "icot_multiplication"
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        valid_path: str | None = None,
+        test_path: str | None = None,
+        max_examples: int | None = None,
+    ) -> None:
+        """Point each split at an ICoT line file.
+
+        Args:
+            train_path: ICoT file with the train split, e.g. .../4x4/train_generated_100k.txt.
+            valid_path: ICoT file with the valid split, e.g. .../4x4/valid.txt.
+            test_path: ICoT file with the test split.
+            max_examples: keep only the first this many examples of each split (None: all).
+        """
+        super().__init__(train_path, valid_path, test_path, max_examples)
+
+    def parse_file(self, path: Path) -> list[Example]:
+        return read_icot_file(path)

@@ -1,0 +1,309 @@
+"""Tests for the reasoning tasks: generators, file loaders, registry and scoring.
+
+Tests on the real benchmark files run only where ../shared/benchmarks exists
+next to the repository; everything else uses small generated or tmp files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from split_model.tasks import (
+    TASKS,
+    Example,
+    IcotMultiplication,
+    ProntoQA,
+    ProsQA,
+    StateTracking,
+    generate_prosqa,
+    get_task,
+    write_prosqa,
+)
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+ICOT_4X4_VALID = BENCHMARKS / "icot_multiplication" / "4x4" / "valid.txt"
+PROSQA_VALID = BENCHMARKS / "prosqa" / "prosqa_valid.json"
+PRONTOQA_VALID = BENCHMARKS / "prontoqa" / "prontoqa_valid.json"
+
+ICOT_LINES = (
+    "7 6 9 2 * 1 6 3 6||7 6 9 2 0 + 0 2 0 8 7 1 ( 7 8 9 0 8 1 ) + 0 0 1 0 9 8 0 "
+    "( 7 8 0 1 7 0 1 ) + 0 0 0 2 0 8 7 1 #### 7 8 0 3 7 8 8 1\n"
+    "5 0 0 8 * 3 5 9 7||5 1 0 4 2 + 0 5 2 0 0 4 ( 5 6 2 4 2 4 ) + 0 0 5 4 0 2 7 "
+    "( 5 6 7 8 2 6 7 ) + 0 0 0 5 3 0 6 5 #### 5 6 7 3 6 6 3 6\n"
+)
+
+
+def require(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"benchmark file not available: {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# State tracking
+
+
+def simulate(question: str) -> list[str]:
+    """Independent re-simulation of a shell-game question from its text."""
+    match = re.fullmatch(r"ball at (\d)\. (.*)where is the ball\?", question)
+    assert match, question
+    position = match.group(1)
+    positions = []
+    for a, b in re.findall(r"swap (\d) (\d)\. ", match.group(2)):
+        assert a != b
+        position = {a: b, b: a}.get(position, position)
+        positions.append(position)
+    return positions
+
+
+def test_state_tracking_steps_follow_the_swaps() -> None:
+    task = StateTracking(n_items=4, length=6, n_train=200, n_valid=20, n_test=20, seed=3)
+    for split in ("train", "valid", "test"):
+        for ex in task.examples(split):
+            assert list(ex.steps) == simulate(ex.question)
+            assert len(ex.steps) == 6 and all(len(s) == 1 and s.isdigit() for s in ex.steps)
+            assert ex.answer == ex.steps[-1]
+
+
+def test_state_tracking_is_seeded() -> None:
+    def make(seed: int) -> StateTracking:
+        return StateTracking(n_train=50, n_valid=10, n_test=10, seed=seed)
+
+    assert make(0).examples("train") == make(0).examples("train")
+    assert make(0).examples("valid") == make(0).examples("valid")
+    assert make(0).examples("train") != make(1).examples("train")
+    assert make(0).examples("train") != make(0).examples("valid")[:50]
+
+
+def test_state_tracking_held_out_splits_exclude_train() -> None:
+    # 3 cups, 2 swaps: only 3 * 6**2 = 108 questions, so collisions are certain without exclusion.
+    task = StateTracking(n_items=3, length=2, n_train=60, n_valid=15, n_test=15)
+    train = {ex.question for ex in task.examples("train")}
+    valid = [ex.question for ex in task.examples("valid")]
+    test = [ex.question for ex in task.examples("test")]
+    assert len(valid) == 15 and len(test) == 15
+    assert not train & set(valid) and not train & set(test) and not set(valid) & set(test)
+    assert len(set(valid)) == len(valid)
+
+
+def test_state_tracking_space_too_small() -> None:
+    task = StateTracking(n_items=2, length=1, n_train=100, n_valid=5)
+    with pytest.raises(ValueError, match="at most 4 distinct"):
+        task.examples("valid")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_items": 11}, "n_items.*11"),
+        ({"n_items": 1}, "n_items.*1"),
+        ({"length": 0}, "length.*0"),
+        ({"n_train": -1}, "n_train.*-1"),
+    ],
+)
+def test_state_tracking_bad_config(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StateTracking(**kwargs)
+
+
+def test_state_tracking_empty_split_and_bad_split() -> None:
+    task = StateTracking(n_train=10, n_valid=0)
+    with pytest.raises(ValueError, match="state_tracking.*'valid'"):
+        task.examples("valid")
+    with pytest.raises(ValueError, match="train, valid, test"):
+        task.examples("dev")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# ICoT multiplication
+
+
+def reversed_number(digits: str) -> int:
+    return int("".join(reversed(digits.split())))
+
+
+def test_icot_parses_lines(tmp_path: Path) -> None:
+    path = tmp_path / "valid.txt"
+    path.write_text("\n" + ICOT_LINES + "\n")
+    examples = IcotMultiplication(valid_path=str(path)).examples("valid")
+    assert len(examples) == 2
+    first = examples[0]
+    assert first.question == "7 6 9 2 * 1 6 3 6"
+    assert first.answer == "7 8 0 3 7 8 8 1"
+    assert first.steps == (
+        "7 6 9 2 0",
+        "0 2 0 8 7 1 ( 7 8 9 0 8 1 )",
+        "0 0 1 0 9 8 0 ( 7 8 0 1 7 0 1 )",
+        "0 0 0 2 0 8 7 1",
+    )
+    assert reversed_number(first.answer) == 2967 * 6361
+    capped = IcotMultiplication(valid_path=str(path), max_examples=1).examples("valid")
+    assert capped == examples[:1]
+
+
+def test_icot_empty_cot(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("How many?|| #### 26\n")
+    (example,) = IcotMultiplication(test_path=str(path)).examples("test")
+    assert example == Example(question="How many?", steps=(), answer="26")
+
+
+def test_icot_real_4x4_valid() -> None:
+    examples = IcotMultiplication(valid_path=str(require(ICOT_4X4_VALID))).examples("valid")
+    assert len(examples) == 1000
+    for ex in examples:
+        a, b = ex.question.split(" * ")
+        assert reversed_number(ex.answer) == reversed_number(a) * reversed_number(b)
+        assert len(ex.steps) == 4
+
+
+def test_icot_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt.*train_path"):
+        IcotMultiplication(train_path=str(missing)).examples("train")
+    with pytest.raises(ValueError, match="valid_path"):
+        IcotMultiplication().examples("valid")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"icot_multiplication.*'valid'.*empty\.txt"):
+        IcotMultiplication(valid_path=str(empty)).examples("valid")
+    bad = tmp_path / "bad.txt"
+    bad.write_text(ICOT_LINES + "1 2 * 3 4 #### 3 6\n")
+    with pytest.raises(ValueError, match=r"bad\.txt, line 3"):
+        IcotMultiplication(valid_path=str(bad)).examples("valid")
+
+
+# ---------------------------------------------------------------------------
+# ProsQA generator and loader
+
+
+def bfs(edges: list[list[int]], start: int) -> dict[int, int]:
+    """Shortest distances from start; written here so the test does not trust the library's."""
+    children: dict[int, list[int]] = {}
+    for src, dst in edges:
+        children.setdefault(src, []).append(dst)
+    dist, queue = {start: 0}, deque([start])
+    while queue:
+        node = queue.popleft()
+        for child in children.get(node, []):
+            if child not in dist:
+                dist[child] = dist[node] + 1
+                queue.append(child)
+    return dist
+
+
+def check_prosqa_item(item: dict) -> None:
+    """The invariants every ProsQA item satisfies, real or generated."""
+    symbols, edges = item["idx_to_symbol"], item["edges"]
+    root, target, neg = item["root"], item["target"], item["neg_target"]
+    dist = bfs(edges, root)
+    assert target in dist and neg not in dist
+    assert dist[target] == len(item["steps"])
+    person, goal, other = symbols[root], symbols[target], symbols[neg]
+    assert item["answer"] == f"{person} is a {goal}."
+    assert item["question"].endswith((f"Is {person} a {goal} or {other}?", f"Is {person} a {other} or {goal}?"))
+    # Steps chain root -> ... -> target, each step a stated edge.
+    edge_set = {tuple(e) for e in edges}
+    node = root
+    for i, step in enumerate(item["steps"]):
+        prefix = f"{person} is a " if i == 0 else f"Every {symbols[node]} is a "
+        assert step.startswith(prefix) and step.endswith(".")
+        nxt = symbols.index(step[len(prefix) : -1])
+        assert (node, nxt) in edge_set
+        assert step in item["question"]
+        node = nxt
+    assert node == target
+
+
+PROSQA_KEYS = {"question", "steps", "answer", "idx_to_symbol", "edges", "root", "target", "neg_target"}
+
+
+def test_generated_prosqa_invariants() -> None:
+    items = generate_prosqa(60, seed=5)
+    for item in items:
+        assert set(item) == PROSQA_KEYS
+        check_prosqa_item(item)
+        symbols = item["idx_to_symbol"]
+        assert len(set(symbols)) == len(symbols)
+        assert symbols[0][0].isupper() and symbols[1][0].isupper() and item["root"] in (0, 1)
+        assert all(src < dst for src, dst in item["edges"])
+        # Every stated fact appears in the question, once per edge.
+        assert item["question"].count(".") == len(item["edges"])
+        assert 3 <= len(item["steps"]) <= 6 and 17 <= len(symbols) <= 28
+    assert json.loads(json.dumps(items)) == items
+
+
+def test_generated_prosqa_is_seeded() -> None:
+    assert generate_prosqa(5, seed=1) == generate_prosqa(5, seed=1)
+    assert generate_prosqa(5, seed=1) != generate_prosqa(5, seed=2)
+
+
+def test_prosqa_round_trip(tmp_path: Path) -> None:
+    path = write_prosqa(tmp_path / "deep" / "prosqa_train.json", n=8, seed=3)
+    items = json.loads(path.read_text())
+    examples = ProsQA(train_path=str(path)).examples("train")
+    assert len(examples) == 8
+    assert examples[0] == Example(items[0]["question"], tuple(items[0]["steps"]), items[0]["answer"])
+
+
+def test_prosqa_generates_train_without_path() -> None:
+    task = ProsQA(n_generated=12, seed=4)
+    examples = task.examples("train")
+    assert len(examples) == 12
+    assert examples == [Example(i["question"], tuple(i["steps"]), i["answer"]) for i in generate_prosqa(12, 4)]
+
+
+def test_prosqa_real_valid() -> None:
+    path = require(PROSQA_VALID)
+    assert len(ProsQA(valid_path=str(path)).examples("valid")) == 300
+    for item in json.loads(path.read_text()):
+        check_prosqa_item(item)
+
+
+def test_coconut_json_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"question": "q"')
+    with pytest.raises(ValueError, match=r"broken\.json.*invalid JSON"):
+        ProntoQA(valid_path=str(broken)).examples("valid")
+    missing_key = tmp_path / "missing.json"
+    missing_key.write_text(json.dumps([{"question": "q", "steps": [], "answer": "a"}, {"question": "q"}]))
+    with pytest.raises(ValueError, match=r"missing\.json, item 1.*steps"):
+        ProntoQA(valid_path=str(missing_key)).examples("valid")
+    with pytest.raises(FileNotFoundError, match="test_path"):
+        ProsQA(test_path=str(tmp_path / "none.json")).examples("test")
+
+
+def test_prontoqa_real_valid() -> None:
+    examples = ProntoQA(valid_path=str(require(PRONTOQA_VALID))).examples("valid")
+    assert len(examples) == 200
+    assert {ex.answer for ex in examples} == {"True", "False"}
+    assert all(len(ex.steps) == 6 for ex in examples)
+
+
+# ---------------------------------------------------------------------------
+# Registry and scoring
+
+
+def test_registry(tmp_path: Path) -> None:
+    assert set(TASKS) == {"state_tracking", "icot_multiplication", "prosqa", "prontoqa"}
+    for name, cls in TASKS.items():
+        assert cls.name == name
+        assert isinstance(get_task(name), cls)
+    task = get_task("state_tracking", n_train=3, length=2)
+    assert len(task.examples("train")) == 3
+    with pytest.raises(ValueError, match=r"unknown task 'x'; known: icot_multiplication, prontoqa"):
+        get_task("x")
+
+
+def test_score_is_normalized_exact_match() -> None:
+    task = StateTracking()
+    example = Example(question="q", steps=(), answer="Tom is a  lempus.")
+    assert task.score("  Tom is a lempus.\n", example) == 1.0
+    assert task.score("Tom is a lempus", example) == 0.0
+    assert task.score("tom is a lempus.", example) == 0.0
+    assert task.normalize(" a \t b\n") == "a b"
