@@ -214,6 +214,9 @@ class _GraphBuilder:
         self.people = people
         self.concepts = [i for i in range(n_nodes) if i not in set(people)]
         self.root = rng.choice([0, 1])
+        self.path: list[int] = []  # concepts from root's first class to target, set by plant()
+        self.target = -1  # the answer node, set by plant()
+        self.neg_target = -1  # the unreachable option, set by plant()
         self.edges: list[tuple[int, int]] = []
         self.edge_set: set[tuple[int, int]] = set()
         self.dist: dict[int, int] = {self.root: 0}  # distances from root, kept current

@@ -1,0 +1,140 @@
+"""The `split-model` command.
+
+fit / validate / test / predict come from LightningCLI (configs in omegaconf mode, so
+`${...}` interpolation works in YAML); generate, bench and data are the project's own.
+Every entry point is a function taking argv, so tests drive the CLI in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+OVERVIEW = """usage: split-model COMMAND [options]
+
+A small recurrent reasoner with full neuralese feedback that reads a frozen memory transformer.
+
+commands:
+  fit        train from a config:      split-model fit --config configs/quickstart.yaml
+  validate   score a checkpoint:       split-model validate --config CFG --ckpt_path CKPT
+  test       score on the test split:  split-model test --config CFG --ckpt_path CKPT
+  predict    write test predictions:   split-model predict --config CFG --ckpt_path CKPT
+  generate   answer questions:         split-model generate --checkpoint CKPT --question "..."
+  bench      run a named experiment:   split-model bench NAME   (speed, feedback-ablation, quickstart)
+  data       write generated data:     split-model data prosqa --out data/prosqa_train.json
+
+`split-model COMMAND --help` explains every option of a command; for fit/validate/test/predict,
+`--print_config` shows the full resolved config.
+"""
+
+
+def run_lightning(argv: list[str] | None):
+    """LightningCLI over SplitModelModule and TaskDataModule; returns the CLI object.
+
+    argv None reads sys.argv, which must stay intact: the DDP launcher re-runs it per process.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    from split_model.training import SplitModelModule, TaskDataModule
+
+    class SplitModelCLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            # The data needs the backbone (to cache its states) and the model the data's format.
+            self.datamodule.connect(self.model)
+
+        def after_fit(self) -> None:
+            metrics = self.trainer.callback_metrics
+            if "val/accuracy" in metrics and self.trainer.is_global_zero:
+                n = len(self.datamodule.datasets.get("valid", []))
+                print(f"validation accuracy: {float(metrics['val/accuracy']):.4f} ({n} examples)", flush=True)
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or getattr(
+                self.trainer.checkpoint_callback, "best_model_path", "")
+            if ckpt and self.trainer.is_global_zero:
+                print(f"checkpoint: {ckpt}", flush=True)
+
+    return SplitModelCLI(
+        SplitModelModule,
+        TaskDataModule,
+        args=argv,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+
+
+def generate_main(argv: list[str]) -> list[str]:
+    p = argparse.ArgumentParser(prog="split-model generate", description="Answer questions with a trained checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `split-model fit`")
+    p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
+    p.add_argument("--file", help="a text file with one question per line")
+    p.add_argument("--latent-steps", type=int, default=None,
+                   help="latent steps before the answer (default: the trained format's latent_steps; "
+                        "for steps=latent, pass the number of reasoning steps the question needs)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer to write")
+    args = p.parse_args(argv)
+    questions = list(args.question)
+    if args.file:
+        from pathlib import Path
+
+        if not Path(args.file).is_file():
+            p.error(f"--file {args.file}: no such file")
+        questions += [q for q in Path(args.file).read_text().split("\n") if q.strip()]
+    if not questions:
+        p.error("give at least one --question or a --file")
+    import torch
+
+    from split_model.training import load_checkpoint
+
+    torch.set_num_threads(1)
+    model = load_checkpoint(args.checkpoint)
+    n_latent = args.latent_steps if args.latent_steps is not None else model.formatter.latent_steps
+    answers = model.generate(questions, n_latent=n_latent, max_new_tokens=args.max_new_tokens)
+    for a in answers:
+        print(a)
+    return answers
+
+
+def data_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="split-model data", description="Write a generated data set to a file.")
+    p.add_argument("kind", choices=["prosqa"], help="prosqa: ProsQA-style graph questions in Coconut's JSON format")
+    p.add_argument("--out", required=True, help="output path, e.g. data/prosqa_train.json")
+    p.add_argument("-n", "--n", type=int, default=10000, help="number of examples")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    args = p.parse_args(argv)
+    from split_model.tasks import write_prosqa
+
+    path = write_prosqa(args.out, args.n, seed=args.seed)
+    print(f"wrote {args.n} examples to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    dispatch(argv)
+
+
+def dispatch(argv: list[str] | None = None):
+    """Run one command; returns what it produced (the LightningCLI object, answers, a result dict)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(OVERVIEW)
+        return None
+    command, rest = args[0], args[1:]
+    if command == "generate":
+        return generate_main(rest)
+    if command == "bench":
+        from split_model.bench import bench_main
+
+        return bench_main(rest)
+    if command == "data":
+        return data_main(rest)
+    if command in LIGHTNING_COMMANDS:
+        return run_lightning(argv if argv is None else args)
+    print(f"split-model: unknown command {command!r}\n\n{OVERVIEW}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

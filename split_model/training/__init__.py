@@ -1,0 +1,7 @@
+"""Training: example formatting, the data module, and the LightningModule."""
+
+from split_model.training.data import TaskDataModule, TaskDataset, collate
+from split_model.training.format import Formatter, StepsMode
+from split_model.training.module import SplitModelModule, load_checkpoint
+
+__all__ = ["TaskDataModule", "TaskDataset", "collate", "Formatter", "StepsMode", "SplitModelModule", "load_checkpoint"]

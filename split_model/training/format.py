@@ -1,0 +1,87 @@
+"""How an example becomes the reasoner's step sequence.
+
+The memory reads the question. The reasoner's sequence is
+    [latent] * K, bos, target..., with labels shifted by one and eos last,
+where a latent position takes no token (a "continuous thought") and the target is:
+- steps="text": the reasoning steps written out, an answer marker, then the answer;
+- steps="latent": one latent step per reasoning step, each labelled with that step
+  (steps must be single tokens, e.g. the state after each move), then the answer;
+- steps="none": the answer only (K = `latent_steps` unlabelled latent steps before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from split_model.memory.tokenizer import TextTokenizer
+from split_model.tasks import Example
+
+StepsMode = Literal["text", "latent", "none"]
+IGNORE = -100  # label of positions that are not scored
+ANSWER_MARKER = " ####"  # separates written steps from the answer
+
+
+@dataclass
+class Sequence:
+    tokens: list[int]  # input id per position (ignored where latent)
+    latent: list[bool]  # True: the position takes the latent vector instead of a token
+    labels: list[int]  # target id per position, IGNORE where none
+    answer: list[bool]  # True where the label belongs to the answer (or its eos)
+    n_latent: int  # positions before bos
+
+
+class Formatter:
+    def __init__(self, tokenizer: TextTokenizer, steps: StepsMode = "text", latent_steps: int = 0):
+        if steps not in ("text", "latent", "none"):
+            raise ValueError(f"steps must be one of text, latent, none; got {steps!r}")
+        if latent_steps < 0:
+            raise ValueError(f"latent_steps must be >= 0, got {latent_steps}")
+        self.tok, self.steps, self.latent_steps = tokenizer, steps, latent_steps
+        self.marker = tokenizer.encode(ANSWER_MARKER)
+
+    @property
+    def spec(self) -> dict:
+        return {"steps": self.steps, "latent_steps": self.latent_steps}
+
+    def n_latent(self, example: Example) -> int:
+        return self.latent_steps + (len(example.steps) if self.steps == "latent" else 0)
+
+    def encode(self, ex: Example) -> Sequence:
+        answer = self.tok.encode(ex.answer)
+        if self.steps == "text":
+            written = self.tok.encode(" ".join(ex.steps)) + self.marker if ex.steps else self.marker
+        else:
+            written = []
+        step_labels = [IGNORE] * self.latent_steps + (self._step_tokens(ex) if self.steps == "latent" else [])
+        k = len(step_labels)
+        target = written + answer + [self.tok.eos_id]
+        return Sequence(
+            tokens=[self.tok.pad_id] * k + [self.tok.bos_id] + written + answer,
+            latent=[True] * k + [False] * len(target),
+            labels=step_labels + target,
+            answer=[False] * (k + len(written)) + [True] * (len(answer) + 1),
+            n_latent=k,
+        )
+
+    def _step_tokens(self, ex: Example) -> list[int]:
+        ids = [self.tok.encode(s) for s in ex.steps]
+        bad = [s for s, i in zip(ex.steps, ids) if len(i) != 1]
+        if bad:
+            raise ValueError(
+                f"steps='latent' labels each latent step with one token, but step {bad[0]!r} is "
+                f"{len(self.tok.encode(bad[0]))} tokens; use steps='text' or 'none' for this task"
+            )
+        return [i[0] for i in ids]
+
+    def answer_from(self, ids: list[int]) -> str:
+        """The answer part of generated ids: after the last answer marker in text mode."""
+        if self.steps == "text":
+            m = len(self.marker)
+            hits = [i for i in range(len(ids) - m + 1) if ids[i : i + m] == self.marker]
+            ids = ids[hits[-1] + m :] if hits else []
+        return self.tok.decode(ids).strip()
+
+    def canonical(self, ex: Example) -> Example:
+        """The example with its answer as the tokenizer spells it back (e.g. lower-cased by BERT)."""
+        return replace(ex, answer=self.tok.decode(self.tok.encode(ex.answer)).strip())

@@ -1,0 +1,223 @@
+"""The LightningModule: a frozen memory and a trainable recurrent reasoner.
+
+The optimiser sees only the reasoner. Checkpoints hold only the reasoner's weights plus the
+backbone's spec and fingerprint; loading with a backbone whose fingerprint differs is
+refused, because the reasoner learned to read that backbone's states and no other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from split_model.memory import HFMemory
+from split_model.reasoner import Reasoner, ReasonerConfig
+from split_model.tasks import Task
+from split_model.training.format import IGNORE, Formatter
+
+CKPT_KEY = "split_model"
+
+
+class SplitModelModule(LightningModule):
+    """Train a recurrent reasoner that reads a frozen memory backbone.
+
+    Args:
+        memory: the frozen memory backbone (split_model.memory.HFMemory; set init_args.name
+            to a packaged model or path, or init_args.config for a random inline one).
+        reasoner: the reasoner's shape and feedback mode.
+        bptt_steps: truncate backprop through time every this many steps (None: never).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay of matrices (not of norms, gates or embeddings).
+        warmup_steps: linear warmup before cosine decay to 10% of lr.
+        max_new_tokens: generation budget in validation; None: the longest target in the data.
+    """
+
+    def __init__(
+        self,
+        memory: HFMemory,
+        reasoner: ReasonerConfig | None = None,
+        bptt_steps: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        max_new_tokens: int | None = None,
+    ):
+        super().__init__()
+        if bptt_steps is not None and bptt_steps <= 0:
+            raise ValueError(f"bptt_steps must be positive or None, got {bptt_steps}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.save_hyperparameters(ignore=["memory"])
+        self.memory = memory
+        cfg = reasoner or ReasonerConfig()
+        self.reasoner = Reasoner(
+            cfg, vocab_size=memory.tokenizer.vocab_size, memory_dim=memory.hidden_size,
+            num_states=memory.num_states, embed_init=memory.input_embeddings(),
+        )
+        self.formatter: Formatter | None = None
+        self.task: Task | None = None
+        self._format_spec: dict | None = None
+        rank_zero_info(self.describe())
+
+    def describe(self) -> str:
+        n_train = sum(p.numel() for p in self.reasoner.parameters())
+        n_frozen = sum(p.numel() for p in self.memory.parameters())
+        return (f"split model: reasoner {n_train:,} trainable parameters (feedback={self.reasoner.cfg.feedback}), "
+                f"memory {n_frozen:,} frozen parameters")
+
+    def connect_data(self, formatter: Formatter, task: Task) -> None:
+        self.formatter, self.task, self._format_spec = formatter, task, formatter.spec
+
+    # -- frozen memory stays out of state dicts and optimisers --------------------------------
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        for k in [k for k in sd if k.startswith("memory.")]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith("memory.")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not match the reasoner: missing {missing}, "
+                               f"unexpected {result.unexpected_keys}")
+        return result
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.reasoner.named_parameters():
+            (decay if p.ndim == 2 and "embed" not in name else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=(0.9, 0.95),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / max(1, total - warm)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
+        logits = self.reasoner(batch["tokens"], batch["latent"], mem, self.hparams.bptt_steps)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+        right = (logits.argmax(-1) == batch["labels"]) | ~batch["answer_mask"]
+        return loss, right.all(dim=1).float().mean(), mem
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, acc, _ = self._forward(batch)
+        b = batch["tokens"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
+        if self.reasoner.feedback is not None:
+            self.log("train/feedback_gate", self.reasoner.feedback.gate.detach(), batch_size=b)
+        gates = torch.stack([torch.tanh(blk.xattn.gate.detach()) for blk in self.reasoner.blocks])
+        self.log("train/xattn_gate", gates.mean(), batch_size=b)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().norm() for p in self.reasoner.parameters() if p.grad is not None]
+        if grads:  # norm before clipping: Lightning clips after this hook
+            self.log("train/grad_norm", torch.stack(grads).norm())
+
+    def _eval_step(self, batch: dict, prefix: str) -> None:
+        loss, acc, mem = self._forward(batch)
+        b = batch["tokens"].shape[0]
+        preds = self.predict_answers(batch, mem)
+        score = sum(self.task.score(p, e) for p, e in zip(preds, batch["examples"])) / b
+        self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True)
+        self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
+        self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
+        preds = self.predict_answers(batch, mem)
+        return [{"question": e.question, "prediction": p, "answer": e.answer, "score": self.task.score(p, e)}
+                for p, e in zip(preds, batch["examples"])]
+
+    def predict_answers(self, batch: dict, mem) -> list[str]:
+        budget = self.hparams.max_new_tokens or int((batch["labels"] != IGNORE).sum(1).max()) + 2
+        tok = self.memory.tokenizer
+        ids = self.reasoner.generate(mem, batch["n_latent"], tok.bos_id, tok.eos_id, budget)
+        return [self.formatter.answer_from(x) for x in ids]
+
+    @torch.no_grad()
+    def generate(self, questions: list[str], n_latent: int = 0, max_new_tokens: int = 64) -> list[str]:
+        """Answers to raw questions: the memory reads each one, the reasoner takes n_latent
+        latent steps, then writes until eos."""
+        if self.formatter is None:
+            raise RuntimeError("no output format known: load the model with load_checkpoint()")
+        states = self.memory.encode_texts(questions)
+        mem = self.reasoner.encode_memory(states.states, states.mask)
+        n = torch.full((len(questions),), n_latent, dtype=torch.long, device=states.mask.device)
+        tok = self.memory.tokenizer
+        return [self.formatter.answer_from(x) for x in self.reasoner.generate(mem, n, tok.bos_id, tok.eos_id, max_new_tokens)]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CKPT_KEY] = {
+            "memory_spec": self.memory.spec, "fingerprint": self.memory.fingerprint,
+            "reasoner": asdict(self.reasoner.cfg), "format": self._format_spec,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get(CKPT_KEY)
+        if info is None:
+            raise ValueError("not a split_model checkpoint: it has no backbone fingerprint")
+        check_fingerprint(info, self.memory)
+        self._format_spec = info.get("format")
+
+
+def check_fingerprint(info: dict, memory: HFMemory) -> None:
+    if info["fingerprint"] != memory.fingerprint:
+        raise ValueError(
+            f"backbone mismatch: the checkpoint was trained on memory {info['memory_spec']} with fingerprint "
+            f"{info['fingerprint'][:16]}..., but the given backbone's fingerprint is {memory.fingerprint[:16]}.... "
+            "A reasoner only reads the states of the backbone it was trained with."
+        )
+
+
+def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str = "cpu") -> SplitModelModule:
+    """A trained model from a checkpoint; the backbone is rebuilt from its spec unless given.
+
+    Refuses a file that is not a split_model checkpoint and a backbone whose fingerprint differs.
+    """
+    import pathlib
+
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"cannot read checkpoint {path}: {e}. Is it a complete .ckpt file written by `split-model fit`?") from e
+    info = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
+    if info is None or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a split_model checkpoint (no '{CKPT_KEY}' entry)")
+    memory = memory or HFMemory(**info["memory_spec"])
+    hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in _HPARAMS}
+    module = SplitModelModule(memory=memory, **{**hp, "reasoner": ReasonerConfig(**info["reasoner"])})
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])
+    fmt = info.get("format") or {"steps": "none", "latent_steps": 0}
+    module.formatter = Formatter(memory.tokenizer, **fmt)
+    return module.eval()
+
+
+_HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens")
