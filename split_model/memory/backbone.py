@@ -75,7 +75,7 @@ class HFMemory(nn.Module):
         n_layers = model.config.num_hidden_layers
         self.layers = _resolve_layers(self.spec["layers"], n_layers)
         self._use_last_hidden = self.layers == [n_layers]
-        _truncate(model, max(self.layers))
+        _truncate(model, max(1, *self.layers))  # >= 1 block: HF records hidden_states[0] at the first block
         self.model = model.float().eval().requires_grad_(False)
         self._fingerprint: str | None = None
 
@@ -249,6 +249,10 @@ def _has(model: nn.Module, name: str) -> bool:
         return False
 
 
+_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "decoder.final_layer_norm",
+                "model.norm", "transformer.ln_f")
+
+
 def _truncate(model: nn.Module, keep: int) -> None:
     """Drop the blocks after `keep`: the memory never computes states nobody reads."""
     n = model.config.num_hidden_layers
@@ -259,6 +263,13 @@ def _truncate(model: nn.Module, keep: int) -> None:
     model.config.num_hidden_layers = keep
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = model.config.layer_types[:keep]
+    # The final norm belongs after the last block of the full model; left in place it would
+    # be applied to block `keep`, whose state the uncut model returns un-normed.
+    for path in _FINAL_NORMS:
+        if _has(model, path):
+            head, _, name = path.rpartition(".")
+            setattr(model.get_submodule(head) if head else model, name, nn.Identity())
+            break
 
 
 def _fingerprint(model: nn.Module, layers: list[int]) -> str:

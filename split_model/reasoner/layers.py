@@ -36,6 +36,30 @@ def rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
+def sinusoid(positions: torch.Tensor, d: int) -> torch.Tensor:
+    """(...,) integer positions -> (..., d) sin/cos features at geometric frequencies."""
+    inv = 10000.0 ** (-torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
+    ang = positions.float()[..., None] * inv
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+class AbsolutePosition(nn.Module):
+    """A learned map of sinusoidal position features, added to a stream.
+
+    Self-attention (rotary) only sees relative positions, and latent steps all share one
+    input vector, so without this a step could not tell which element of the memory (the
+    i-th move of a game, say) is its to read. Starts small so it does not swamp the input.
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=False)
+        nn.init.normal_(self.proj.weight, std=1.0 / d)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.proj(sinusoid(positions, self.proj.in_features))
+
+
 @dataclass
 class LayerCache:
     k: torch.Tensor  # (B, H, t, dh) keys of the t past positions
@@ -140,7 +164,7 @@ class Feedback(nn.Module):
 
     `all` mixes the embedding output and every block's output with softmax weights that
     start uniform; `last` takes the last block's output. Both project, normalise and scale
-    by a gate that starts at 0, so a fresh model computes exactly what `none` computes.
+    by a per-channel gate that starts at 0, so a fresh model computes exactly what `none` computes.
     """
 
     def __init__(self, cfg: ReasonerConfig):
@@ -149,7 +173,9 @@ class Feedback(nn.Module):
         self.mix = nn.Parameter(torch.zeros(cfg.n_layers + 1)) if cfg.feedback == "all" else None
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.norm = RMSNorm(cfg.d_model)
-        self.gate = nn.Parameter(torch.zeros(()))
+        # One gate per channel: with a single scalar, channels whose random projection helps
+        # and channels whose projection hurts cancel in its gradient, and it never opens.
+        self.gate = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states: (L+1, B, T, d) of step(s) t -> (B, T, d) input for step(s) t+1."""

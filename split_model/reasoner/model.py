@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from split_model.reasoner.config import ReasonerConfig
-from split_model.reasoner.layers import Block, FactorisedEmbedding, Feedback, LayerCache, MemoryKV, RMSNorm
+from split_model.reasoner.layers import (
+    AbsolutePosition,
+    Block,
+    FactorisedEmbedding,
+    Feedback,
+    LayerCache,
+    MemoryKV,
+    RMSNorm,
+)
 
 
 @dataclass
@@ -45,15 +53,20 @@ class ReasonerState:
 
 
 class MemoryAdapter(nn.Module):
-    """(B, N, S, D_mem) states of S backbone layers -> (B, N, d) reasoner-width memory."""
+    """(B, N, S, D_mem) states of S backbone layers -> (B, N, d) reasoner-width memory.
+
+    Token positions are added explicitly: rotary backbones keep them only implicitly.
+    """
 
     def __init__(self, memory_dim: int, num_states: int, d_model: int):
         super().__init__()
         self.norm = nn.LayerNorm(memory_dim, elementwise_affine=False)  # backbone layers differ in scale
         self.proj = nn.Linear(num_states * memory_dim, d_model, bias=False)
+        self.position = AbsolutePosition(d_model)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(states).flatten(2))  # (B, N, S*D) -> (B, N, d)
+        pos = torch.arange(states.shape[1], device=states.device)
+        return self.proj(self.norm(states).flatten(2)) + self.position(pos)  # (B, N, S*D) -> (B, N, d)
 
 
 class Reasoner(nn.Module):
@@ -71,6 +84,7 @@ class Reasoner(nn.Module):
         self.embed = FactorisedEmbedding(vocab_size, cfg, embed_init)
         self.latent = nn.Parameter(torch.randn(cfg.d_model) / cfg.d_model**0.5)  # input of a no-token step
         self.adapter = MemoryAdapter(memory_dim, num_states, cfg.d_model)
+        self.position = AbsolutePosition(cfg.d_model)  # which step this is
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         # Created last so that, for one seed, every other weight equals the `none` model's.
@@ -97,7 +111,9 @@ class Reasoner(nn.Module):
         Returns the normed final hidden (B, T, d), every layer's output (L+1, B, T, d)
         (index 0 is the input) and the extended caches.
         """
-        x = torch.where(latent[..., None], self.latent, self.embed(tokens))  # (B, T, d)
+        start = 0 if caches is None else caches[0].length
+        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = torch.where(latent[..., None], self.latent, self.embed(tokens)) + self.position(pos)  # (B, T, d)
         if feedback_in is not None:
             x = x + feedback_in
         states, new_caches = [x], []

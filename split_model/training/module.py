@@ -121,7 +121,7 @@ class SplitModelModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
         if self.reasoner.feedback is not None:
-            self.log("train/feedback_gate", self.reasoner.feedback.gate.detach(), batch_size=b)
+            self.log("train/feedback_gate", self.reasoner.feedback.gate.detach().abs().mean(), batch_size=b)
         gates = torch.stack([torch.tanh(blk.xattn.gate.detach()) for blk in self.reasoner.blocks])
         self.log("train/xattn_gate", gates.mean(), batch_size=b)
         return loss
@@ -176,6 +176,11 @@ class SplitModelModule(LightningModule):
             "memory_spec": self.memory.spec, "fingerprint": self.memory.fingerprint,
             "reasoner": asdict(self.reasoner.cfg), "format": self._format_spec,
         }
+        # Lightning reads `ckpt_path` with torch.load(weights_only=True), which refuses pickled
+        # classes: keep the hyperparameters plain data, as LightningCLI already does.
+        hp = checkpoint.get("hyper_parameters")
+        if isinstance(hp, dict) and isinstance(hp.get("reasoner"), ReasonerConfig):
+            hp["reasoner"] = asdict(hp["reasoner"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get(CKPT_KEY)

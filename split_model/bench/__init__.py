@@ -1,0 +1,66 @@
+"""Named experiments: `split-model bench NAME`.
+
+Each prints progress on stderr and one JSON object as the last line of stdout, and writes
+the same JSON, with the command and the machine, to results/NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+BENCHES: dict[str, str] = {
+    # name -> module:function, imported only when run
+    "speed": "split_model.bench.speed:run",
+    "feedback-ablation": "split_model.bench.ablation:run",
+    "quickstart": "split_model.bench.quickstart:run",
+}
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _load(name: str) -> Callable[[argparse.Namespace], dict]:
+    import importlib
+
+    module, fn = BENCHES[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def bench_main(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="split-model bench", description="Run a named experiment; JSON on the last line.")
+    p.add_argument("name", choices=sorted(BENCHES), help="; ".join(
+        ["speed: reasoner step vs SmolLM2 decode step, wrapper vs bare prefill",
+         "feedback-ablation: none/last/all on the shell game at equal size and budget",
+         "quickstart: time and accuracy of configs/quickstart.yaml"]))
+    p.add_argument("--out-dir", default="results", help="where NAME.json is written")
+    p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works")
+    args = p.parse_args(argv)
+    start = time.time()
+    result = _load(args.name)(args)
+    record = {"bench": args.name, **result, "wall_seconds": round(time.time() - start, 1),
+              "command": "split-model bench " + " ".join(argv), "machine": machine()}
+    if not args.quick:
+        out = Path(args.out_dir) / f"{args.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        log(f"wrote {out}")
+    print(json.dumps(record))
+    return record
