@@ -13,6 +13,10 @@ import pytest
 from split_model.cli import dispatch
 from split_model.tasks import StateTracking
 
+# jsonargparse deprecations raised inside LightningCLI itself, not by our code.
+pytestmark = [pytest.mark.filterwarnings("ignore:(?s).*deprecated in v4.49.0"),
+              pytest.mark.filterwarnings("ignore:(?s).*only one JsonargparseDeprecationWarning")]
+
 SMALL_DATA = ["--data.task.init_args.n_train", "64", "--data.task.init_args.n_valid", "16",
               "--data.task.init_args.n_test", "16", "--data.batch_size", "16"]
 
@@ -30,6 +34,7 @@ def fitted_cli(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tiny.repo)  # the config path is relative to the repository, as in the README
+        mp.setattr(sys, "argv", ["split-model"])  # not pytest's arguments
         cli = dispatch(fit_args(root))
     return SimpleNamespace(cli=cli, root=root)
 

@@ -16,14 +16,25 @@ MODES = ("none", "last", "all")
 VOCAB, MEM_DIM, MEM_STATES, D = 40, 12, 2, 32
 
 
+def gate_parameters(model: Reasoner) -> list[torch.Tensor]:
+    """The feedback gate's weights, whatever its shape (scalar, per channel or a matrix)."""
+    gate = model.feedback.gate
+    return [gate] if isinstance(gate, torch.Tensor) else list(gate.parameters())
+
+
 def make_reasoner(feedback: str, seed: int = 0, gate: float | None = 0.7) -> Reasoner:
-    """A tiny reasoner; `gate` opens the feedback (and randomises the layer mix) unless None."""
+    """A tiny reasoner. Unless `gate` is None, the feedback gate is set to that openness
+    (0 shuts it) and the layer mix is randomised."""
     torch.manual_seed(seed)
     cfg = ReasonerConfig(d_model=D, n_layers=2, n_heads=4, embed_rank=8, feedback=feedback)
     model = Reasoner(cfg, vocab_size=VOCAB, memory_dim=MEM_DIM, num_states=MEM_STATES)
     if gate is not None and model.feedback is not None:
         with torch.no_grad():
-            model.feedback.gate.fill_(gate)
+            for p in gate_parameters(model):
+                if p.ndim == 2:  # a gating matrix: random, scaled so the output stays O(gate)
+                    p.normal_(std=gate / p.shape[1] ** 0.5)
+                else:
+                    p.fill_(gate)
             if model.feedback.mix is not None:
                 model.feedback.mix.normal_()
     return model
@@ -94,7 +105,7 @@ def test_step_with_kv_cache_equals_forward(mode):
 @pytest.mark.parametrize("mode", ["last", "all"])
 def test_fresh_feedback_model_computes_what_none_computes(mode):
     plain, fed = make_reasoner("none", gate=None), make_reasoner(mode, gate=None)
-    assert not fed.feedback.gate.any()
+    assert not any(p.any() for p in gate_parameters(fed))
     fed_weights = fed.state_dict()
     for name, weight in plain.state_dict().items():
         assert torch.equal(fed_weights[name], weight), name
@@ -152,7 +163,8 @@ def test_gradients_reach_the_feedback_parameters(mode, gate):
     logits = model(tokens, latent, memory(model))
     F.cross_entropy(logits[:, -1], torch.arange(3)).backward()
     fb = model.feedback
-    assert fb.gate.grad is not None and fb.gate.grad.abs().sum() > 0  # a shut gate can still learn to open
+    gate_grads = [p.grad for p in gate_parameters(model)]
+    assert all(g is not None and g.abs().sum() > 0 for g in gate_grads)  # a shut gate can still learn to open
     if gate:  # behind an open gate, the rest of the feedback path learns too
         assert fb.proj.weight.grad.abs().sum() > 0
         assert fb.norm.weight.grad.abs().sum() > 0

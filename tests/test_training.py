@@ -150,6 +150,7 @@ class RecordRun(Callback):
         self.batches += 1
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_trainer_resumes_from_a_checkpoint_without_memory_weights(fitted, tiny, tmp_path):
     module = tiny.module(tiny.memory("llama"), feedback="all")
     dm = tiny.data(module, fitted.root / "cache")

@@ -163,8 +163,12 @@ class Feedback(nn.Module):
     """Turns the states of step t into an input added to step t+1.
 
     `all` mixes the embedding output and every block's output with softmax weights that
-    start uniform; `last` takes the last block's output. Both project, normalise and scale
-    by a per-channel gate that starts at 0, so a fresh model computes exactly what `none` computes.
+    start uniform; `last` takes the last block's output. Both are projected, normed and
+    gated. The gate is a d x d matrix that starts at 0, so a fresh model computes exactly
+    what `none` computes, yet its first gradient is the full correlation between the
+    previous step's features and what the next step's input should become. (A scalar or
+    per-channel gate sees only a diagonal of that correlation in a random basis, and in
+    practice barely opens.)
     """
 
     def __init__(self, cfg: ReasonerConfig):
@@ -173,9 +177,8 @@ class Feedback(nn.Module):
         self.mix = nn.Parameter(torch.zeros(cfg.n_layers + 1)) if cfg.feedback == "all" else None
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.norm = RMSNorm(cfg.d_model)
-        # One gate per channel: with a single scalar, channels whose random projection helps
-        # and channels whose projection hurts cancel in its gradient, and it never opens.
-        self.gate = nn.Parameter(torch.zeros(cfg.d_model))
+        self.gate = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        nn.init.zeros_(self.gate.weight)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states: (L+1, B, T, d) of step(s) t -> (B, T, d) input for step(s) t+1."""
@@ -183,7 +186,11 @@ class Feedback(nn.Module):
             h = torch.einsum("l,lbtd->btd", self.mix.softmax(0), states)
         else:
             h = states[-1]
-        return self.gate * self.norm(self.proj(h))
+        return self.gate(self.norm(self.proj(h)))
+
+    def openness(self) -> torch.Tensor:
+        """RMS of the gate's weights: 0 while feedback is closed."""
+        return self.gate.weight.detach().pow(2).mean().sqrt()
 
 
 class FactorisedEmbedding(nn.Module):

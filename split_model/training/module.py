@@ -121,7 +121,7 @@ class SplitModelModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
         if self.reasoner.feedback is not None:
-            self.log("train/feedback_gate", self.reasoner.feedback.gate.detach().abs().mean(), batch_size=b)
+            self.log("train/feedback_gate", self.reasoner.feedback.openness(), batch_size=b)
         gates = torch.stack([torch.tanh(blk.xattn.gate.detach()) for blk in self.reasoner.blocks])
         self.log("train/xattn_gate", gates.mean(), batch_size=b)
         return loss
