@@ -35,7 +35,12 @@ def run_lightning(argv: list[str] | None):
 
     argv None reads sys.argv, which must stay intact: the DDP launcher re-runs it per process.
     """
+    import warnings
+
     from lightning.pytorch.cli import LightningCLI
+
+    # The frozen memory is in eval mode on purpose; Lightning warns about every such module.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
     from split_model.training import SplitModelModule, TaskDataModule
 
@@ -55,6 +60,9 @@ def run_lightning(argv: list[str] | None):
             if ckpt and self.trainer.is_global_zero:
                 print(f"checkpoint: {ckpt}", flush=True)
 
+        def after_predict(self) -> None:
+            write_predictions(self.trainer, self.datamodule)
+
     return SplitModelCLI(
         SplitModelModule,
         TaskDataModule,
@@ -65,14 +73,30 @@ def run_lightning(argv: list[str] | None):
     )
 
 
+def write_predictions(trainer, datamodule) -> None:
+    """Write `predict` results as JSON lines next to the run's checkpoints, and their accuracy."""
+    import json
+    from pathlib import Path
+
+    batches = trainer.predict_loop.predictions or []
+    rows = [row for batch in batches for row in batch]
+    if not rows or not trainer.is_global_zero:
+        return
+    out = Path(trainer.default_root_dir) / "predictions.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    acc = sum(r["score"] for r in rows) / len(rows)
+    print(f"{len(rows)} predictions written to {out}; accuracy {acc:.4f}", flush=True)
+
+
 def generate_main(argv: list[str]) -> list[str]:
     p = argparse.ArgumentParser(prog="split-model generate", description="Answer questions with a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a .ckpt written by `split-model fit`")
     p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
     p.add_argument("--file", help="a text file with one question per line")
     p.add_argument("--latent-steps", type=int, default=None,
-                   help="latent steps before the answer (default: the trained format's latent_steps; "
-                        "for steps=latent, pass the number of reasoning steps the question needs)")
+                   help="latent steps before the answer (default: the most common count in the training "
+                        "data; with steps=latent, pass the number of reasoning steps this question needs)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer to write")
     args = p.parse_args(argv)
     questions = list(args.question)
@@ -90,7 +114,7 @@ def generate_main(argv: list[str]) -> list[str]:
 
     torch.set_num_threads(1)
     model = load_checkpoint(args.checkpoint)
-    n_latent = args.latent_steps if args.latent_steps is not None else model.formatter.latent_steps
+    n_latent = args.latent_steps if args.latent_steps is not None else model.formatter.default_latent
     answers = model.generate(questions, n_latent=n_latent, max_new_tokens=args.max_new_tokens)
     for a in answers:
         print(a)

@@ -95,3 +95,30 @@ def test_fit_trains_with_ddp_in_two_cpu_processes(tiny, tmp_path):
     assert proc.returncode == 0, output[-4000:]
     assert "Starting with 2 processes" in output
     assert "validation accuracy" in output
+
+
+def test_generate_defaults_to_the_trained_number_of_latent_steps(fitted_cli):
+    from split_model.training import load_checkpoint
+
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    model = load_checkpoint(ckpt)
+    assert model.formatter.steps == "latent"
+    assert model.formatter.default_latent == 3  # every debug game has 3 swaps, one latent step each
+
+
+def test_predict_writes_scored_predictions(fitted_cli, tiny, capsys):
+    import json
+
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    root = fitted_cli.root
+    args = ["predict", "--config", "configs/debug.yaml", "--ckpt_path", ckpt, "--trainer.default_root_dir", str(root),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--data.cache_dir", str(root / "cache"), *SMALL_DATA]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tiny.repo)
+        mp.setattr(sys, "argv", ["split-model"])
+        dispatch(args)
+    rows = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16  # the whole test split
+    assert all(r["score"] == float(r["prediction"] == r["answer"]) for r in rows)
+    assert "16 predictions written" in capsys.readouterr().out

@@ -69,7 +69,7 @@ class HFMemory(nn.Module):
         super().__init__()
         if (name is None) == (config is None):
             raise ValueError("HFMemory needs exactly one of `name` (a packaged model or path) or `config`")
-        self.spec = {"name": name, "config": config, "layers": list(layers or [-1]), "max_length": max_length, "seed": seed}
+        self.spec = {"name": name, "config": config, "layers": [-1] if layers is None else list(layers), "max_length": max_length, "seed": seed}
         self.max_length = max_length
         model, self.tokenizer = _load(name, config, seed)
         n_layers = model.config.num_hidden_layers

@@ -8,6 +8,7 @@ because that is known only once the model exists.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -144,6 +145,9 @@ class TaskDataModule(LightningDataModule):
         for split in _STAGE_SPLITS[stage]:
             if split not in self.datasets:
                 self.datasets[split] = TaskDataset(self.task.examples(split), self._split_states(split), self.formatter)
+        if "train" in self.datasets:
+            counts = Counter(s.n_latent for s in self.datasets["train"].sequences)
+            self.formatter.default_latent = counts.most_common(1)[0][0]
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,

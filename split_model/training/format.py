@@ -32,17 +32,21 @@ class Sequence:
 
 
 class Formatter:
-    def __init__(self, tokenizer: TextTokenizer, steps: StepsMode = "text", latent_steps: int = 0):
+    def __init__(self, tokenizer: TextTokenizer, steps: StepsMode = "text", latent_steps: int = 0,
+                 default_latent: int | None = None):
         if steps not in ("text", "latent", "none"):
             raise ValueError(f"steps must be one of text, latent, none; got {steps!r}")
         if latent_steps < 0:
             raise ValueError(f"latent_steps must be >= 0, got {latent_steps}")
         self.tok, self.steps, self.latent_steps = tokenizer, steps, latent_steps
         self.marker = tokenizer.encode(ANSWER_MARKER)
+        # Latent steps for a raw question (generation), where the step count is unknown:
+        # the most common count in the training data (set by the data module).
+        self.default_latent = latent_steps if default_latent is None else default_latent
 
     @property
     def spec(self) -> dict:
-        return {"steps": self.steps, "latent_steps": self.latent_steps}
+        return {"steps": self.steps, "latent_steps": self.latent_steps, "default_latent": self.default_latent}
 
     def n_latent(self, example: Example) -> int:
         return self.latent_steps + (len(example.steps) if self.steps == "latent" else 0)

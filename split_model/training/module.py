@@ -174,7 +174,8 @@ class SplitModelModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CKPT_KEY] = {
             "memory_spec": self.memory.spec, "fingerprint": self.memory.fingerprint,
-            "reasoner": asdict(self.reasoner.cfg), "format": self._format_spec,
+            "reasoner": asdict(self.reasoner.cfg),
+            "format": self.formatter.spec if self.formatter is not None else self._format_spec,
         }
         # Lightning reads `ckpt_path` with torch.load(weights_only=True), which refuses pickled
         # classes: keep the hyperparameters plain data, as LightningCLI already does.
