@@ -80,7 +80,7 @@ def run(args) -> dict:
 
         def decode():
             lm(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache.crop(CONTEXT)  # back to 512 so every timed step sees the same context
+            cache.crop(-1)  # drop the new token: every timed step sees the same 512-token context
 
         log("reasoner step with cross-attention over 512 memory states")
         cfg = quickstart_reasoner_config()

@@ -40,7 +40,7 @@ class SplitModelModule(LightningModule):
     def __init__(
         self,
         memory: HFMemory,
-        reasoner: ReasonerConfig | None = None,
+        reasoner: ReasonerConfig = ReasonerConfig(),  # never mutated: safe as a default
         bptt_steps: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -54,7 +54,7 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         self.save_hyperparameters(ignore=["memory"])
         self.memory = memory
-        cfg = reasoner or ReasonerConfig()
+        cfg = reasoner
         self.reasoner = Reasoner(
             cfg, vocab_size=memory.tokenizer.vocab_size, memory_dim=memory.hidden_size,
             num_states=memory.num_states, embed_init=memory.input_embeddings(),
