@@ -64,7 +64,22 @@ def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_trai
     evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = evaluator.validate(model, datamodule=data, verbose=False)[0]
     return {"accuracy": round(float(metrics["val/accuracy"]), 4), "train_seconds": round(seconds, 1),
+            "per_step_accuracy": per_step_accuracy(model, data, length),
             "trainable_params": sum(p.numel() for p in model.reasoner.parameters())}
+
+
+@torch.no_grad()
+def per_step_accuracy(model, data, length: int) -> list[float]:
+    """Teacher-forced accuracy of each latent step's state on the valid split: how far
+    into the game a mode keeps track of the ball."""
+    model.eval()
+    right, total = torch.zeros(length), 0
+    for batch in data.val_dataloader():
+        mem = model.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
+        logits = model.reasoner(batch["tokens"], batch["latent"], mem)
+        right += (logits.argmax(-1) == batch["labels"])[:, :length].float().sum(0)
+        total += batch["tokens"].shape[0]
+    return [round(float(r) / total, 3) for r in right]
 
 
 def _worker(job: tuple) -> tuple[str, dict]:
@@ -78,7 +93,7 @@ def run(args) -> dict:
     import os
     import tempfile
 
-    length, steps, batch, n_train, n_valid = (4, 30, 32, 256, 64) if args.quick else (8, 2500, 128, 50000, 500)
+    length, steps, batch, n_train, n_valid = (4, 30, 32, 256, 64) if args.quick else (6, 2500, 128, 50000, 500)
     # One process per mode, as many at once as there are cores, one thread each: the modes
     # get the same conditions, and the run takes the time of the slowest pair.
     workers = max(1, min(3, os.cpu_count() or 1))
@@ -102,4 +117,5 @@ def run(args) -> dict:
         "memory": MEMORY,
         "trainable_params": {m: results[m]["trainable_params"] for m in ("none", "last", "all")},
         "train_seconds": {m: results[m]["train_seconds"] for m in ("none", "last", "all")},
+        "per_step_accuracy": {m: results[m]["per_step_accuracy"] for m in ("none", "last", "all")},
     }
