@@ -122,3 +122,15 @@ def test_predict_writes_scored_predictions(fitted_cli, tiny, capsys):
     assert len(rows) == 16  # the whole test split
     assert all(r["score"] == float(r["prediction"] == r["answer"]) for r in rows)
     assert "16 predictions written" in capsys.readouterr().out
+
+
+def test_a_backbone_is_swapped_by_its_short_name(tiny, tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tiny.repo)
+        mp.setattr(sys, "argv", ["split-model"])
+        cli = dispatch(fit_args(tmp_path, "--model.memory", "minilm-l6", "--trainer.max_steps", "2",
+                                "--trainer.val_check_interval", "2"))
+    memory = cli.model.memory
+    assert memory.spec["name"] == "minilm-l6" and memory.hidden_size == 384
+    assert cli.model.reasoner.embed.table.shape[0] == memory.tokenizer.vocab_size == 30522
+    assert cli.trainer.global_step == 2

@@ -27,8 +27,9 @@ class SplitModelModule(LightningModule):
     """Train a recurrent reasoner that reads a frozen memory backbone.
 
     Args:
-        memory: the frozen memory backbone (split_model.memory.HFMemory; set init_args.name
-            to a packaged model or path, or init_args.config for a random inline one).
+        memory: the frozen memory backbone: a short name or path (e.g. minilm-l6,
+            smollm2-135m, a local HF directory, a .gguf file), or split_model.memory.HFMemory
+            with init_args (name or an inline random config, layers, max_length).
         reasoner: the reasoner's shape and feedback mode.
         bptt_steps: truncate backprop through time every this many steps (None: never).
         lr: peak AdamW learning rate.
@@ -39,7 +40,7 @@ class SplitModelModule(LightningModule):
 
     def __init__(
         self,
-        memory: HFMemory,
+        memory: HFMemory | str,
         reasoner: ReasonerConfig = ReasonerConfig(),  # never mutated: safe as a default
         bptt_steps: int | None = None,
         lr: float = 1e-3,
@@ -53,10 +54,9 @@ class SplitModelModule(LightningModule):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         self.save_hyperparameters(ignore=["memory"])
-        self.memory = memory
-        cfg = reasoner
+        self.memory = memory = HFMemory(name=memory) if isinstance(memory, str) else memory
         self.reasoner = Reasoner(
-            cfg, vocab_size=memory.tokenizer.vocab_size, memory_dim=memory.hidden_size,
+            reasoner, vocab_size=memory.tokenizer.vocab_size, memory_dim=memory.hidden_size,
             num_states=memory.num_states, embed_init=memory.input_embeddings(),
         )
         self.formatter: Formatter | None = None
