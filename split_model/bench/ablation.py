@@ -9,6 +9,7 @@ Accuracy is exact match of the generated answer on the valid split.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -27,8 +28,12 @@ class _Progress:
     def __new__(cls, every: int, label: str):
         from lightning.pytorch.callbacks import Callback
 
+        parent = os.getppid()
+
         class Progress(Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if os.getppid() != parent:  # the bench was stopped: don't train on as an orphan
+                    raise SystemExit("feedback-ablation: parent process gone")
                 step = trainer.global_step
                 if step % every == 0:
                     m = trainer.callback_metrics
