@@ -73,23 +73,6 @@ class ProntoQA(CoconutJSON):
 
     name = "prontoqa"
 
-    def __init__(
-        self,
-        train_path: str | None = None,
-        valid_path: str | None = None,
-        test_path: str | None = None,
-        max_examples: int | None = None,
-    ) -> None:
-        """Point each split at a Coconut JSON file.
-
-        Args:
-            train_path: JSON file with the train split, e.g. .../prontoqa/prontoqa_train.json.
-            valid_path: JSON file with the valid split, e.g. .../prontoqa/prontoqa_valid.json.
-            test_path: JSON file with the test split.
-            max_examples: keep only the first this many examples of each split (None: all).
-        """
-        super().__init__(train_path, valid_path, test_path, max_examples)
-
 
 class ProsQA(CoconutJSON):
     """ProsQA graph reachability; the train split is generated when no file is given."""

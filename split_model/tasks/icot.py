@@ -51,22 +51,5 @@ class IcotMultiplication(FileTask):
 
     name = "icot_multiplication"
 
-    def __init__(
-        self,
-        train_path: str | None = None,
-        valid_path: str | None = None,
-        test_path: str | None = None,
-        max_examples: int | None = None,
-    ) -> None:
-        """Point each split at an ICoT line file.
-
-        Args:
-            train_path: ICoT file with the train split, e.g. .../4x4/train_generated_100k.txt.
-            valid_path: ICoT file with the valid split, e.g. .../4x4/valid.txt.
-            test_path: ICoT file with the test split.
-            max_examples: keep only the first this many examples of each split (None: all).
-        """
-        super().__init__(train_path, valid_path, test_path, max_examples)
-
     def parse_file(self, path: Path) -> list[Example]:
         return read_icot_file(path)
