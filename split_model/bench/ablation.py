@@ -98,6 +98,7 @@ def run(args) -> dict:
     import os
     import tempfile
 
+    torch.set_num_threads(1)  # as in every worker
     length, steps, batch, n_train, n_valid = (4, 30, 32, 256, 64) if args.quick else (6, 2500, 128, 50000, 500)
     # One process per mode, as many at once as there are cores, one thread each: the modes
     # get the same conditions, and the run takes the time of the slowest pair.
