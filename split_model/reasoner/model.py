@@ -89,6 +89,21 @@ class Reasoner(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         # Created last so that, for one seed, every other weight equals the `none` model's.
         self.feedback = Feedback(cfg) if cfg.feedback != "none" else None
+        # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
+        self.register_buffer("output_ids", None, persistent=False)
+
+    def set_output_vocab(self, ids: torch.Tensor | None) -> None:
+        """Score only these token ids (sorted, unique), or every id with None.
+
+        A backbone vocabulary of 30-50k tokens makes the output head most of a small
+        reasoner's cost, while a task's targets use a few dozen of them.
+        """
+        if ids is not None:
+            ids = torch.as_tensor(ids, dtype=torch.long).unique(sorted=True)
+            if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.embed.table.shape[0]:
+                raise ValueError(f"output vocabulary must be non-empty ids in 0..{self.embed.table.shape[0] - 1}")
+            ids = ids.to(self.embed.table.device)
+        self.output_ids = ids
 
     # -- memory ---------------------------------------------------------------------------
     def encode_memory(self, states: torch.Tensor, mask: torch.Tensor) -> MemoryKV:
@@ -124,7 +139,14 @@ class Reasoner(nn.Module):
         return self.norm(x), torch.stack(states), new_caches
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.embed.logits(hidden)
+        """(..., d) -> (..., V), or (..., K) over output_ids when an output vocabulary is set."""
+        if self.output_ids is None:
+            return self.embed.logits(hidden)
+        return (hidden @ self.embed.up) @ self.embed.table[self.output_ids].T
+
+    def token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Positions in the logits -> token ids."""
+        return index if self.output_ids is None else self.output_ids[index]
 
     # -- one step (generation) ---------------------------------------------------------------
     def start(self, memory: MemoryKV) -> ReasonerState:
@@ -177,7 +199,7 @@ class Reasoner(nn.Module):
             latent = t < n_latent
             tokens = torch.where(t <= n_latent, torch.full_like(prev, bos_id), prev)
             logits, state = self.step(state, tokens, latent)
-            nxt = logits.argmax(-1)
+            nxt = self.token_ids(logits.argmax(-1))
             writing = (t >= n_latent) & ~done
             for i in torch.nonzero(writing & (nxt != eos_id)).flatten().tolist():
                 out[i].append(int(nxt[i]))

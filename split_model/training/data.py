@@ -165,6 +165,13 @@ class TaskDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def target_token_ids(self) -> list[int]:
+        """Every token id the train split's labels use (the task's output vocabulary)."""
+        if "train" not in self.datasets:
+            raise RuntimeError("target_token_ids() needs the train split: call setup('fit') first")
+        ids = {t for s in self.datasets["train"].sequences for t in s.labels if t >= 0}
+        return sorted(ids | {self.formatter.tok.eos_id})
+
     def max_target_tokens(self) -> int:
         """Longest answer-side sequence in the loaded splits: the generation budget."""
         return max(len(s.labels) - s.n_latent for d in self.datasets.values() for s in d.sequences)

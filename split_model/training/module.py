@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ class SplitModelModule(LightningModule):
         weight_decay: AdamW weight decay of matrices (not of norms, gates or embeddings).
         warmup_steps: linear warmup before cosine decay to 10% of lr.
         max_new_tokens: generation budget in validation; None: the longest target in the data.
+        output_vocab: which tokens the reasoner writes: full (the backbone's whole vocabulary)
+            or task (only tokens that occur in the training targets; far cheaper to train
+            with a large vocabulary, and the model can only write what the task needs).
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class SplitModelModule(LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         max_new_tokens: int | None = None,
+        output_vocab: Literal["full", "task"] = "full",
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
@@ -72,6 +77,11 @@ class SplitModelModule(LightningModule):
 
     def connect_data(self, formatter: Formatter, task: Task) -> None:
         self.formatter, self.task, self._format_spec = formatter, task, formatter.spec
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.hparams.output_vocab == "task" and data is not None:
+            self.reasoner.set_output_vocab(data.target_token_ids())
 
     # -- frozen memory stays out of state dicts and optimisers --------------------------------
     def state_dict(self, *args, **kwargs):
@@ -110,10 +120,21 @@ class SplitModelModule(LightningModule):
     # -- steps ---------------------------------------------------------------------------------
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
-        logits = self.reasoner(batch["tokens"], batch["latent"], mem, self.hparams.bptt_steps)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-        right = (logits.argmax(-1) == batch["labels"]) | ~batch["answer_mask"]
+        logits = self.reasoner(batch["tokens"], batch["latent"], mem, self.hparams.bptt_steps)  # (B, T, V or K)
+        labels = self._label_index(batch["labels"])
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        right = (self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]) | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
+
+    def _label_index(self, labels: torch.Tensor) -> torch.Tensor:
+        """Token-id labels -> positions in the logits; ids outside the output vocabulary are
+        not scored by the loss (they still count as wrong answers)."""
+        ids = self.reasoner.output_ids
+        if ids is None:
+            return labels
+        lookup = torch.full((self.reasoner.embed.table.shape[0],), IGNORE, dtype=torch.long, device=labels.device)
+        lookup[ids] = torch.arange(len(ids), device=labels.device)
+        return torch.where(labels == IGNORE, labels, lookup[labels.clamp_min(0)])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, acc, _ = self._forward(batch)
@@ -176,6 +197,7 @@ class SplitModelModule(LightningModule):
             "memory_spec": self.memory.spec, "fingerprint": self.memory.fingerprint,
             "reasoner": asdict(self.reasoner.cfg),
             "format": self.formatter.spec if self.formatter is not None else self._format_spec,
+            "output_ids": None if self.reasoner.output_ids is None else self.reasoner.output_ids.tolist(),
         }
         # Lightning reads `ckpt_path` with torch.load(weights_only=True), which refuses pickled
         # classes: keep the hyperparameters plain data, as LightningCLI already does.
@@ -189,6 +211,7 @@ class SplitModelModule(LightningModule):
             raise ValueError("not a split_model checkpoint: it has no backbone fingerprint")
         check_fingerprint(info, self.memory)
         self._format_spec = info.get("format")
+        self.reasoner.set_output_vocab(info.get("output_ids"))
 
 
 def check_fingerprint(info: dict, memory: HFMemory) -> None:
@@ -226,4 +249,4 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
     return module.eval()
 
 
-_HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens")
+_HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab")
