@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ from split_model.tasks import (
     write_prosqa,
 )
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+# Where the configs look too: $SPLIT_MODEL_BENCHMARKS, else ../shared/benchmarks next to the repository.
+BENCHMARKS = Path(os.environ.get("SPLIT_MODEL_BENCHMARKS", Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
 ICOT_4X4_VALID = BENCHMARKS / "icot_multiplication" / "4x4" / "valid.txt"
 PROSQA_VALID = BENCHMARKS / "prosqa" / "prosqa_valid.json"
 PRONTOQA_VALID = BENCHMARKS / "prontoqa" / "prontoqa_valid.json"
