@@ -71,3 +71,11 @@ def test_bad_output_vocabulary_is_refused(tiny):
     module = task_vocab_module(tiny, tiny.memory("llama"))
     with pytest.raises(ValueError, match="output vocabulary"):
         module.reasoner.set_output_vocab(torch.tensor([10_000]))
+
+
+def test_a_batch_with_no_scorable_label_has_zero_loss_not_nan(fitted):
+    module, dm, _ = fitted
+    batch = next(iter(dm.val_dataloader()))
+    batch["labels"] = torch.where(batch["labels"] == -100, batch["labels"], torch.full_like(batch["labels"], 7))
+    loss, acc, _ = module._forward(batch)
+    assert float(loss) == 0.0 and float(acc) == 0.0

@@ -122,7 +122,10 @@ class SplitModelModule(LightningModule):
         mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
         logits = self.reasoner(batch["tokens"], batch["latent"], mem, self.hparams.bptt_steps)  # (B, T, V or K)
         labels = self._label_index(batch["labels"])
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        if bool((labels != IGNORE).any()):
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        else:  # every label outside the output vocabulary: nothing to score (mean of none is nan)
+            loss = logits.sum() * 0.0
         right = (self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]) | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
 
