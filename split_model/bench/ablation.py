@@ -13,6 +13,7 @@ import os
 import time
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from split_model.bench import log
 
@@ -22,25 +23,20 @@ MEMORY = {  # a frozen random BERT: absolute positions, byte tokens, cheap to ru
 }
 
 
-class _Progress:
-    """Lightning callback: a loss line on stderr every `every` steps."""
+class Progress(Callback):
+    """A loss line on stderr every `every` steps; stops training if the bench process is gone."""
 
-    def __new__(cls, every: int, label: str):
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, every: int, label: str):
+        self.every, self.label, self.parent = every, label, os.getppid()
 
-        parent = os.getppid()
-
-        class Progress(Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if os.getppid() != parent:  # the bench was stopped: don't train on as an orphan
-                    raise SystemExit("feedback-ablation: parent process gone")
-                step = trainer.global_step
-                if step % every == 0:
-                    m = trainer.callback_metrics
-                    log(f"{label} step {step}: loss {float(m['train/loss']):.3f}, "
-                        f"teacher-forced answer acc {float(m['train/answer_acc']):.2f}")
-
-        return Progress()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if os.getppid() != self.parent:  # the bench was stopped: don't train on as an orphan
+            raise SystemExit("feedback-ablation: parent process gone")
+        step = trainer.global_step
+        if step % self.every == 0:
+            m = trainer.callback_metrics
+            log(f"{self.label} step {step}: loss {float(m['train/loss']):.3f}, "
+                f"teacher-forced answer acc {float(m['train/answer_acc']):.2f}")
 
 
 def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_train: int, n_valid: int, cache_dir: str,
@@ -62,7 +58,7 @@ def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_trai
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                       limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10,
-                      callbacks=[_Progress(max(1, steps // 10), f"feedback={feedback}")])
+                      callbacks=[Progress(max(1, steps // 10), f"feedback={feedback}")])
     start = time.time()
     trainer.fit(model, datamodule=data)
     seconds = time.time() - start

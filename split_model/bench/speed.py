@@ -55,7 +55,6 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from split_model.memory import HFMemory
-    from split_model.memory.backbone import _gguf_to_local, _resolve_path
     from split_model.reasoner import Reasoner
 
     torch.set_num_threads(1)
@@ -63,7 +62,7 @@ def run(args) -> dict:
     rounds, per_round = (3, 2) if args.quick else (7, 5)
     log("loading SmolLM2-135M (wrapper and bare copies)")
     wrapper = HFMemory(name="smollm2-135m", max_length=CONTEXT)
-    lm = AutoModelForCausalLM.from_pretrained(_gguf_to_local(_resolve_path("smollm2-135m")), dtype=torch.float32).eval()
+    lm = AutoModelForCausalLM.from_pretrained(wrapper.path, dtype=torch.float32).eval()  # the same converted files
     ids = torch.randint(100, wrapper.tokenizer.vocab_size, (1, CONTEXT))
     mask = torch.ones_like(ids)
 

@@ -71,7 +71,7 @@ class HFMemory(nn.Module):
             raise ValueError("HFMemory needs exactly one of `name` (a packaged model or path) or `config`")
         self.spec = {"name": name, "config": config, "layers": [-1] if layers is None else list(layers), "max_length": max_length, "seed": seed}
         self.max_length = max_length
-        model, self.tokenizer = _load(name, config, seed)
+        model, self.tokenizer, self.path = _load(name, config, seed)
         n_layers = model.config.num_hidden_layers
         self.layers = _resolve_layers(self.spec["layers"], n_layers)
         self._use_last_hidden = self.layers == [n_layers]
@@ -142,7 +142,8 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 # -- loading ------------------------------------------------------------------------------
-def _load(name: str | None, config: dict | None, seed: int) -> tuple[nn.Module, TextTokenizer]:
+def _load(name: str | None, config: dict | None, seed: int) -> tuple[nn.Module, TextTokenizer, Path | None]:
+    """The model, its tokenizer, and the local directory its weights came from (None: inline)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if config is not None:
@@ -156,11 +157,11 @@ def _load(name: str | None, config: dict | None, seed: int) -> tuple[nn.Module, 
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModel.from_config(cfg)
-        return model, tok
+        return model, tok, None
     path = _resolve_path(name)
     if path.suffix == ".gguf":
         path = _gguf_to_local(path)
-    return AutoModel.from_pretrained(path, dtype=torch.float32), HFTokenizer(AutoTokenizer.from_pretrained(path))
+    return AutoModel.from_pretrained(path, dtype=torch.float32), HFTokenizer(AutoTokenizer.from_pretrained(path)), path
 
 
 def _resolve_path(name: str) -> Path:

@@ -178,8 +178,12 @@ class SplitModelModule(LightningModule):
 
     def predict_answers(self, batch: dict, mem) -> list[str]:
         budget = self.hparams.max_new_tokens or int((batch["labels"] != IGNORE).sum(1).max()) + 2
+        return self._answers(mem, batch["n_latent"], budget)
+
+    def _answers(self, mem, n_latent: torch.Tensor, max_new_tokens: int) -> list[str]:
+        """Greedy generation after n_latent (B,) latent steps, decoded to answer strings."""
         tok = self.memory.tokenizer
-        ids = self.reasoner.generate(mem, batch["n_latent"], tok.bos_id, tok.eos_id, budget)
+        ids = self.reasoner.generate(mem, n_latent, tok.bos_id, tok.eos_id, max_new_tokens)
         return [self.formatter.answer_from(x) for x in ids]
 
     @torch.no_grad()
@@ -191,8 +195,7 @@ class SplitModelModule(LightningModule):
         states = self.memory.encode_texts(questions)
         mem = self.reasoner.encode_memory(states.states, states.mask)
         n = torch.full((len(questions),), n_latent, dtype=torch.long, device=states.mask.device)
-        tok = self.memory.tokenizer
-        return [self.formatter.answer_from(x) for x in self.reasoner.generate(mem, n, tok.bos_id, tok.eos_id, max_new_tokens)]
+        return self._answers(mem, n, max_new_tokens)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
