@@ -3,5 +3,8 @@
 from split_model.reasoner.config import Feedback, ReasonerConfig
 from split_model.reasoner.layers import LayerCache, MemoryKV
 from split_model.reasoner.model import Reasoner, ReasonerState
+from split_model.reasoner.sampling import Sampling
+from split_model.reasoner.static import StaticDecoder
 
-__all__ = ["Feedback", "ReasonerConfig", "LayerCache", "MemoryKV", "Reasoner", "ReasonerState"]
+__all__ = ["Feedback", "ReasonerConfig", "LayerCache", "MemoryKV", "Reasoner", "ReasonerState", "Sampling",
+           "StaticDecoder"]

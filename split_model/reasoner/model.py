@@ -5,18 +5,22 @@ thought" step that takes no token) plus the feedback of step t-1's layer states.
 block self-attends to the reasoner's past steps through a KV cache and cross-attends to
 the memory, whose keys/values are computed once per context.
 
-Two ways in, one set of weights:
-- `step(state, tokens, latent)`: one step for generation, carrying a `ReasonerState`.
-- `forward(tokens, latent, memory)`: training over a whole sequence. With feedback it is
-  the exact recurrence (backprop through time, truncated every `bptt_steps`); without
-  feedback it is one parallel pass, which computes the same thing.
-`run()` is the shared core: T new positions, given caches and given feedback inputs. A
-parallel Jacobi mode or a static-cache step can be built on it without touching the blocks.
+Two executions of one set of weights:
+- fixed-shape (static.py): preallocated KV caches written in place, position tables, no
+  host syncs. `forward` (training) and `generate`/`decoder` use it; on CUDA its steps can
+  be captured as graphs.
+- dynamic (this file): `step(state, tokens, latent)` carries a growing `ReasonerState`, and
+  `forward_dynamic` is the plain recurrence built on it. It is the reference the
+  fixed-shape path is tested against, and `execution: dynamic` in a config.
+With feedback, training is the exact recurrence (backprop through time, truncated every
+`bptt_steps`); without feedback it is one parallel pass, which computes the same thing.
+`run()` is the dynamic core: T new positions, given caches and given feedback inputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -31,6 +35,8 @@ from split_model.reasoner.layers import (
     MemoryKV,
     RMSNorm,
 )
+from split_model.reasoner.sampling import Sampling
+from split_model.reasoner.static import PositionTables, StaticDecoder, static_forward
 
 
 @dataclass
@@ -91,6 +97,15 @@ class Reasoner(nn.Module):
         self.feedback = Feedback(cfg) if cfg.feedback != "none" else None
         # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
         self.register_buffer("output_ids", None, persistent=False)
+        self._tables: PositionTables | None = None
+
+    def position_tables(self, n: int, device) -> PositionTables:
+        """Rotary and step-position tables for at least n steps, built once per size class."""
+        t = self._tables
+        if t is None or t.length < n or t.cos.device != torch.device(device):
+            size = max(64, 1 << (n - 1).bit_length())  # powers of two: few rebuilds
+            t = self._tables = PositionTables(size, self.cfg.head_dim, self.cfg.d_model, self.cfg.rope_base, device)
+        return t
 
     def set_output_vocab(self, ids: torch.Tensor | None) -> None:
         """Score only these token ids (sorted, unique), or every id with None.
@@ -109,7 +124,8 @@ class Reasoner(nn.Module):
     def encode_memory(self, states: torch.Tensor, mask: torch.Tensor) -> MemoryKV:
         """states (B, N, S, D_mem), mask (B, N) -> per-block cross-attention K/V."""
         mem = self.adapter(states)
-        kv = [blk.xattn.memory_kv(mem) for blk in self.blocks]
+        # Contiguous once here, or every step's attention copies the permuted K/V again.
+        kv = [tuple(x.contiguous() for x in blk.xattn.memory_kv(mem)) for blk in self.blocks]
         return MemoryKV(kv=kv, mask=mask.bool()[:, None, None, :])
 
     # -- the shared core --------------------------------------------------------------------
@@ -167,8 +183,24 @@ class Reasoner(nn.Module):
     def forward(
         self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, bptt_steps: int | None = None
     ) -> torch.Tensor:
-        """tokens, latent: (B, T) -> logits (B, T, V), exact for every feedback mode."""
+        """tokens, latent: (B, T) -> logits (B, T, V), exact for every feedback mode (fixed shapes)."""
         if self.feedback is None:  # no recurrence besides attention: one parallel pass is exact
+            hidden, _, _ = self.run(tokens, latent, memory)
+            return self.logits(hidden)
+        if self.output_ids is None:
+            return self.logits(static_forward(self, self.embed(tokens), latent, memory, bptt_steps))
+        # One gather for the input and output rows: each gather of the (V, r) table costs a
+        # dense (V, r) gradient in backward, the largest tensor a small reasoner touches.
+        rows = self.embed.table[torch.cat([tokens.flatten(), self.output_ids])]  # (B*T + K, r)
+        inputs, head = rows[: tokens.numel()].view(*tokens.shape, -1), rows[tokens.numel() :]
+        hidden = static_forward(self, inputs @ self.embed.up.T, latent, memory, bptt_steps)
+        return (hidden @ self.embed.up) @ head.T  # (B, T, K)
+
+    def forward_dynamic(
+        self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, bptt_steps: int | None = None
+    ) -> torch.Tensor:
+        """What `forward` computes, one `step` at a time with a growing cache (the reference)."""
+        if self.feedback is None:
             hidden, _, _ = self.run(tokens, latent, memory)
             return self.logits(hidden)
         state, hiddens = self.start(memory), []
@@ -180,31 +212,71 @@ class Reasoner(nn.Module):
             hiddens.append(hidden)
         return self.logits(torch.cat(hiddens, dim=1))
 
-    # -- greedy decoding ---------------------------------------------------------------------
+    # -- generation ---------------------------------------------------------------------------
+    def decoder(self, memory: MemoryKV, max_steps: int, kind: Literal["graphs", "static", "dynamic"] = "static"):
+        """An object whose `step(tokens, latent)` -> logits runs one step of generation.
+
+        static: fixed shapes, buffers for max_steps steps; graphs: the same captured as a CUDA
+        graph (CUDA only; falls back to static with a warning); dynamic: the reference `step`.
+        """
+        if kind == "dynamic":
+            return DynamicDecoder(self, memory)
+        decoder = StaticDecoder(self, memory, max_steps)
+        if kind == "graphs" and memory.mask.is_cuda:
+            from split_model.reasoner.graphs import graphed_or_eager
+
+            return graphed_or_eager(decoder)
+        return decoder
+
     @torch.no_grad()
     def generate(
-        self, memory: MemoryKV, n_latent: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int
+        self, memory: MemoryKV, n_latent: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int, *,
+        sampling: Sampling | None = None, decoder: Literal["graphs", "static", "dynamic"] = "static",
+        on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None, check_every: int = 16,
     ) -> list[list[int]]:
-        """Row b takes n_latent[b] latent steps, then bos, then greedy tokens until eos.
+        """Row b takes n_latent[b] latent steps, then bos, then writes until eos.
 
         Rows with different latent counts run in one batch: each step says per row whether
-        it is latent. Returns each row's generated ids (eos excluded).
+        it is latent. Ids stay on the device: the host reads whether every row is done only
+        every `check_every` steps, and the ids once at the end. on_token(ids (B,), writing (B,)
+        bool) sees each step's ids as they come (streaming; that costs a read per step).
+        Returns each row's generated ids (eos excluded). Greedy unless `sampling` says otherwise.
         """
-        b = n_latent.shape[0]
-        device = n_latent.device
-        state, prev = self.start(memory), torch.full((b,), bos_id, dtype=torch.long, device=device)
-        out: list[list[int]] = [[] for _ in range(b)]
+        b, device = n_latent.shape[0], n_latent.device
+        steps = int(n_latent.max()) + max_new_tokens  # the one host read before the loop
+        dec = self.decoder(memory, steps, decoder)
+        choose = (sampling or Sampling()).chooser(device)
+        record = torch.full((b, steps), eos_id, dtype=torch.long, device=device)  # (B, T) every step's id
+        prev = torch.full((b,), bos_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        for t in range(int(n_latent.max()) + max_new_tokens):
-            latent = t < n_latent
-            tokens = torch.where(t <= n_latent, torch.full_like(prev, bos_id), prev)
-            logits, state = self.step(state, tokens, latent)
-            nxt = self.token_ids(logits.argmax(-1))
+        for t in range(steps):
+            tokens = torch.where(t <= n_latent, bos_id, prev)  # latent steps ignore it; step n_latent reads bos
+            prev = self.token_ids(choose(dec.step(tokens, t < n_latent)))
+            record[:, t] = prev
             writing = (t >= n_latent) & ~done
-            for i in torch.nonzero(writing & (nxt != eos_id)).flatten().tolist():
-                out[i].append(int(nxt[i]))
-            done |= writing & ((nxt == eos_id) | (t - n_latent + 1 >= max_new_tokens))
-            prev = nxt
-            if bool(done.all()):
+            if on_token is not None:
+                on_token(prev, writing & (prev != eos_id))
+            done |= writing & ((prev == eos_id) | (t - n_latent + 1 >= max_new_tokens))
+            if (t + 1) % check_every == 0 and bool(done.all()):
                 break
-        return out
+        return _answers(record.cpu(), n_latent.cpu(), eos_id, max_new_tokens)
+
+
+def _answers(record: torch.Tensor, n_latent: torch.Tensor, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+    """Each row's written ids: from its first answer step, up to eos (excluded) or the budget."""
+    out = []
+    for row, k in zip(record.tolist(), n_latent.tolist()):
+        ids = row[k : k + max_new_tokens]
+        out.append(ids[: ids.index(eos_id)] if eos_id in ids else ids)
+    return out
+
+
+class DynamicDecoder:
+    """The reference `Reasoner.step` (growing cache) behind the decoder interface."""
+
+    def __init__(self, reasoner: Reasoner, memory: MemoryKV):
+        self.reasoner, self.state = reasoner, reasoner.start(memory)
+
+    def step(self, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.reasoner.step(self.state, tokens, latent)
+        return logits

@@ -1,0 +1,271 @@
+"""Fixed-shape execution of the reasoner: preallocated KV caches written in place.
+
+The dynamic path (`Reasoner.step`, `Reasoner.forward_dynamic`) grows its self-attention
+cache by concatenation, so every step allocates, changes shapes and, under autograd, keeps
+a copy of the whole cache per step (memory grows with T^2). Here every tensor a step
+touches has one shape for the whole sequence:
+
+- the self-attention K/V of each block live in a (B, H, T_max, dh) buffer written in place
+  at the step's position; a step attends to every slot with the future ones masked;
+- rotary angles and step-position features come from precomputed tables;
+- in generation the position is a 0-dim device tensor advanced in place, so a step runs
+  with no host synchronisation and can be captured once as a CUDA graph and replayed.
+
+Training keeps the in-place buffer too. `CachedAttention` is an autograd function that
+saves only its query: its backward recomputes the attention weights from the buffer and
+adds dK/dV into a shared gradient buffer, so memory grows with T, not T^2. Every step's
+node takes an `order` tensor produced by the step before it; autograd therefore runs the
+backward of step t only after the backward of every later step, which is when dK[t] and
+dV[t] are complete.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from split_model.reasoner.layers import Block, MemoryKV
+
+
+class PositionTables:
+    """Rotary cos/sin (T, dh/2) and step-position sinusoid features (T, d) for T positions.
+
+    Built with the same arithmetic as `rotary` and `sinusoid` in layers.py, so a table row is
+    bitwise what the dynamic path computes for that position.
+    """
+
+    def __init__(self, n: int, head_dim: int, d_model: int, rope_base: float, device):
+        pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]  # (T, 1)
+        inv = rope_base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        self.cos, self.sin = (pos * inv).cos(), (pos * inv).sin()  # (T, dh/2) each
+        inv_d = 10000.0 ** (-torch.arange(0, d_model, 2, device=device, dtype=torch.float32) / d_model)
+        self.features = torch.cat([(pos * inv_d).sin(), (pos * inv_d).cos()], dim=-1)  # (T, d)
+        self.length = n
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on interleaved pairs: x (B, H, T, dh), cos/sin (T, dh/2) of x's positions."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of a few queries as plain matmuls: q (B, H, 1, dh), k/v (B, H, N, dh),
+    bias (B or 1, 1, 1, N) additive (0 or -inf). For one query this is several times faster
+    on CPU than the fused kernels, whose per-call setup dominates at these sizes."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias  # (B, H, 1, N)
+    return scores.softmax(-1) @ v
+
+
+def memory_bias(memory: MemoryKV) -> torch.Tensor:
+    """(B, 1, 1, N) additive mask: 0 on real memory tokens, -inf on padding."""
+    zero = torch.zeros((), dtype=memory.kv[0][0].dtype, device=memory.mask.device)
+    return torch.where(memory.mask, zero, float("-inf"))
+
+
+class GradSum:
+    """dK and dV of one block's keys/values, summed over steps during backward."""
+
+    dk: torch.Tensor | None = None
+    dv: torch.Tensor | None = None
+
+
+class StepKV(GradSum):
+    """Self-attention K/V of one block for T_max steps, and their gradient sums."""
+
+    def __init__(self, b: int, h: int, t: int, dh: int, like: torch.Tensor):
+        self.k = like.new_zeros(b, h, t, dh)  # zeros, not empty: masked slots meet p = 0, and 0 * nan = nan
+        self.v = like.new_zeros(b, h, t, dh)
+
+
+class CachedAttention(torch.autograd.Function):
+    """Step t's query attends to slots 0..t of a StepKV after writing its own k, v at t.
+
+    Args of forward: q, k, v (B, H, 1, dh); order (0-dim, threads the steps for backward);
+    kv the StepKV; t the step; floor the first step whose keys receive gradient from this
+    step (truncated backprop through time: keys before the window are constants).
+    Returns the attention output (B, H, 1, dh) and the next node's `order`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, order, kv: StepKV, t: int, floor: int):
+        kv.k[:, :, t] = k[:, :, 0]
+        kv.v[:, :, t] = v[:, :, 0]
+        ctx.save_for_backward(q)
+        ctx.kv, ctx.t, ctx.floor = kv, t, floor  # the buffer itself: saving it would copy-check versions
+        return attend(q, kv.k, kv.v, _causal_bias(kv.k.shape[2], t, q)), order.new_zeros(())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dorder):
+        (q,) = ctx.saved_tensors
+        kv, t = ctx.kv, ctx.t
+        if kv.dk is None:
+            kv.dk, kv.dv = torch.zeros_like(kv.k), torch.zeros_like(kv.v)
+        live = slice(ctx.floor, t + 1)  # keys inside this step's BPTT window get gradient
+        dq = _attend_backward(q, kv.k, kv.v, _causal_bias(kv.k.shape[2], t, q), dy, kv.dk, kv.dv, live)
+        # Every later step has run its backward (see `order`): slot t is complete.
+        dk, dv = kv.dk[:, :, t : t + 1].clone(), kv.dv[:, :, t : t + 1].clone()
+        return dq, dk, dv, dy.new_zeros(()), None, None, None
+
+
+class MemoryAttention(torch.autograd.Function):
+    """One step's query attends to the memory K/V (B, H, N, dh) shared by all steps.
+
+    Backward adds dK/dV into one accumulator per block instead of returning a full-size
+    gradient from every step; the first step's node (run last, see `order`) hands it on.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, order, bias, acc: GradSum, first: bool):
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.acc, ctx.first = acc, first
+        return attend(q, k, v, bias), order.new_zeros(())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dorder):
+        q, k, v, bias = ctx.saved_tensors
+        acc = ctx.acc
+        if acc.dk is None:
+            acc.dk, acc.dv = torch.zeros_like(k), torch.zeros_like(v)
+        dq = _attend_backward(q, k, v, bias, dy, acc.dk, acc.dv, slice(None))
+        dk, dv = (acc.dk, acc.dv) if ctx.first else (None, None)
+        return dq, dk, dv, dy.new_zeros(()), None, None, None
+
+
+def _attend_backward(q, k, v, bias, dy, dk, dv, live: slice) -> torch.Tensor:
+    """Backward of `attend` for one query: returns dq; adds into dk, dv at slots `live`."""
+    scale = q.shape[-1] ** -0.5
+    p = ((q * scale) @ k.transpose(-1, -2) + bias).softmax(-1)  # (B, H, 1, N)
+    dp = dy @ v.transpose(-1, -2)  # (B, H, 1, N)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    # Outer products as broadcast multiply-adds: a batched matmul with an inner size of 1 is slow on CPU.
+    dk[:, :, live].addcmul_(ds[..., live].transpose(-1, -2), q, value=scale)
+    dv[:, :, live].addcmul_(p[..., live].transpose(-1, -2), dy)
+    return (ds @ k) * scale  # every key counts for the query, detached or not
+
+
+def _causal_bias(n: int, t: int, like: torch.Tensor) -> torch.Tensor:
+    """(N,) additive mask: slots after t are -inf."""
+    return torch.zeros(n, dtype=like.dtype, device=like.device).masked_fill_(
+        torch.arange(n, device=like.device) > t, float("-inf"))
+
+
+def qkv_step(blk: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotated q, k and v of one step: x (B, 1, d) -> each (B, H, 1, dh)."""
+    a = blk.attn
+    q, k, v = a.qkv(blk.norm1(x)).view(x.shape[0], 1, 3, a.h, a.dh).permute(2, 0, 3, 1, 4)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def memory_query(blk: Block, x: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual after self-attention, and the cross-attention query: x (B, 1, d) -> x, q (B, H, 1, dh)."""
+    b = x.shape[0]
+    x = x + blk.attn.out(attn_out.transpose(1, 2).reshape(b, 1, -1))
+    return x, blk.xattn.q(blk.norm2(x)).view(b, 1, blk.xattn.h, blk.xattn.dh).transpose(1, 2)
+
+
+def block_finish(blk: Block, x: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """Gated cross-attention residual and MLP: x (B, 1, d), read (B, H, 1, dh) -> (B, 1, d)."""
+    x = x + torch.tanh(blk.xattn.gate) * blk.xattn.out(read.transpose(1, 2).reshape(x.shape[0], 1, -1))
+    return x + blk.mlp(blk.norm3(x))
+
+
+class StaticDecoder:
+    """Generation with fixed shapes: `step` updates this object's buffers in place.
+
+    Nothing in `step` reads a tensor value on the host or allocates a differently shaped
+    tensor, so on CUDA the whole step can be captured once and replayed (see graphs.py).
+    """
+
+    def __init__(self, reasoner, memory: MemoryKV, max_steps: int):
+        cfg = reasoner.cfg
+        like = memory.kv[0][0]
+        b = like.shape[0]
+        self.reasoner, self.memory, self.max_steps = reasoner, memory, max_steps
+        self.bias = memory_bias(memory)
+        self.tables = reasoner.position_tables(max_steps, like.device)
+        self.kv = [StepKV(b, cfg.n_heads, max_steps, cfg.head_dim, like) for _ in range(cfg.n_layers)]
+        self.states = like.new_zeros(cfg.n_layers + 1, b, 1, cfg.d_model)  # zero states feed back exactly 0
+        self.pos = torch.zeros((), dtype=torch.long, device=like.device)
+        self.slots = torch.arange(max_steps, device=like.device)
+
+    def reset(self) -> None:
+        """Back to step 0 (the buffers' old contents are masked out or overwritten)."""
+        self.pos.zero_()
+        self.states.zero_()
+
+    def step(self, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """tokens, latent: (B,) -> logits (B, V or K); advances the position by one."""
+        r, pos = self.reasoner, self.pos.view(1)
+        feats = self.tables.features.index_select(0, pos)  # (1, d)
+        x = (torch.where(latent[:, None], r.latent, r.embed(tokens)) + r.position.proj(feats))[:, None]  # (B, 1, d)
+        if r.feedback is not None:
+            x = x + r.feedback(self.states)
+        cos, sin = self.tables.cos.index_select(0, pos), self.tables.sin.index_select(0, pos)
+        causal = torch.zeros(self.max_steps, dtype=x.dtype, device=x.device).masked_fill(self.slots > self.pos, float("-inf"))
+        layer_states = [x]
+        for blk, kv, (mem_k, mem_v) in zip(r.blocks, self.kv, self.memory.kv):
+            q, k, v = qkv_step(blk, x, cos, sin)
+            kv.k.index_copy_(2, pos, k)
+            kv.v.index_copy_(2, pos, v)
+            x, q = memory_query(blk, x, attend(q, kv.k, kv.v, causal))
+            x = block_finish(blk, x, attend(q, mem_k, mem_v, self.bias))
+            layer_states.append(x)
+        self.states.copy_(torch.stack(layer_states))
+        self.pos.add_(1)
+        return r.logits(r.norm(x[:, 0]))
+
+
+class _Unroll:
+    """The training recurrence over T steps: fixed-shape buffers and the `order` chain."""
+
+    def __init__(self, reasoner, memory: MemoryKV, batch: int, steps: int):
+        cfg, like = reasoner.cfg, memory.kv[0][0]
+        self.r, self.memory, self.bias = reasoner, memory, memory_bias(memory)
+        self.kv = [StepKV(batch, cfg.n_heads, steps, cfg.head_dim, like) for _ in range(cfg.n_layers)]
+        self.mem_grads = [GradSum() for _ in range(cfg.n_layers)]
+        self.order = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=torch.is_grad_enabled())
+
+    def step(self, x: torch.Tensor, t: int, floor: int, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, 1, d): step t's input -> every layer's output [(B, 1, d)] * (L+1)."""
+        layer_states = [x]
+        for blk, kv, (mem_k, mem_v), grads in zip(self.r.blocks, self.kv, self.memory.kv, self.mem_grads):
+            q, k, v = qkv_step(blk, x, cos, sin)
+            y, self.order = CachedAttention.apply(q, k, v, self.order, kv, t, floor)
+            x, q = memory_query(blk, x, y)
+            y, self.order = MemoryAttention.apply(q, mem_k, mem_v, self.order, self.bias, grads, t == 0)
+            x = block_finish(blk, x, y)
+            layer_states.append(x)
+        return layer_states
+
+
+def static_forward(reasoner, embedded: torch.Tensor, latent: torch.Tensor, memory: MemoryKV,
+                   bptt_steps: int | None = None) -> torch.Tensor:
+    """Training over a whole sequence with fixed shapes: token embeddings (B, T, d) and
+    latent flags (B, T) -> final hidden states (B, T, d).
+
+    Computes what the dynamic recurrence computes (values and gradients, truncation
+    included). The inputs and step positions of all T steps are done in one pass.
+    """
+    r = reasoner
+    b, steps = latent.shape
+    tables = r.position_tables(steps, latent.device)
+    x_in = torch.where(latent[..., None], r.latent, embedded) + r.position.proj(tables.features[:steps])  # (B, T, d)
+    unroll = _Unroll(r, memory, b, steps)
+    states, hiddens, floor = None, [], 0
+    for t in range(steps):
+        if bptt_steps and t and t % bptt_steps == 0:
+            floor = t  # truncated backprop: nothing before step t gets gradient from here on
+            states = None if states is None else states.detach()
+        x = x_in[:, t : t + 1]
+        if states is not None:
+            x = x + r.feedback(states)
+        layer_states = unroll.step(x, t, floor, tables.cos[t : t + 1], tables.sin[t : t + 1])
+        if r.feedback is not None:
+            states = torch.stack(layer_states)  # (L+1, B, 1, d)
+        hiddens.append(layer_states[-1])
+    return r.norm(torch.cat(hiddens, dim=1))
