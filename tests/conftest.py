@@ -69,11 +69,12 @@ def tiny_reasoner_config(**kwargs):
     return ReasonerConfig(**{"d_model": 32, "n_layers": 2, "n_heads": 4, "embed_rank": 8, "feedback": "all", **kwargs})
 
 
-def tiny_module(memory, *, lr: float = 3e-3, warmup_steps: int = 2, bptt_steps: int | None = None, **reasoner):
+def tiny_module(memory, *, lr: float = 3e-3, warmup_steps: int = 2, bptt_steps: int | None = None,
+                execution: str = "auto", **reasoner):
     from split_model.training import SplitModelModule
 
     return SplitModelModule(memory=memory, reasoner=tiny_reasoner_config(**reasoner), lr=lr,
-                            warmup_steps=warmup_steps, bptt_steps=bptt_steps)
+                            warmup_steps=warmup_steps, bptt_steps=bptt_steps, execution=execution)
 
 
 def tiny_data(module, cache_dir: Path, *, steps: str = "latent", batch_size: int = 16, **task):

@@ -62,3 +62,83 @@ def graphed_or_eager(decoder: StaticDecoder):
                              "fixed-shape step instead (set model.execution: static to skip the attempt)")
         decoder.reset()
         return decoder
+
+
+class _Unrolled(torch.nn.Module):
+    """The whole training forward as one module of tensors in, logits out (what capture needs)."""
+
+    def __init__(self, reasoner, bptt_steps: int | None):
+        super().__init__()
+        self.reasoner, self.bptt_steps = reasoner, bptt_steps
+
+    def forward(self, tokens, latent, mem_states, mem_mask):
+        memory = self.reasoner.encode_memory(mem_states, mem_mask)
+        return self.reasoner(tokens, latent, memory, self.bptt_steps)
+
+
+def pad_batch_shape(tokens, latent, mem_states, mem_mask, rows: int, steps: int, slots: int):
+    """Pad a batch to (rows, steps) steps and `slots` memory slots without changing what the
+    real rows compute: padded steps come after every real one (causal), padded memory slots
+    are masked, and a padded row sees one zero memory slot (all-masked attention is nan)."""
+    b, t = tokens.shape
+    n = mem_states.shape[1]
+    tok = tokens.new_zeros(rows, steps)
+    tok[:b, :t] = tokens
+    lat = latent.new_zeros(rows, steps)
+    lat[:b, :t] = latent
+    states = mem_states.new_zeros(rows, slots, *mem_states.shape[2:])
+    states[:b, :n] = mem_states
+    mask = mem_mask.new_zeros(rows, slots)
+    mask[:b, :n] = mem_mask
+    mask[b:, 0] = True
+    return tok, lat, states, mask
+
+
+def bucket(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class GraphedTraining:
+    """Forward and backward of the unrolled recurrence captured as CUDA graphs.
+
+    One graph pair per padded batch shape (steps rounded up to 8, memory slots to 64, rows
+    to the largest batch seen), so a training run captures a handful of graphs and then only
+    replays. Logits of the padded parts are cut off before the loss, so they get no gradient.
+    If capture fails, training continues on the eager fixed-shape path after one warning.
+    """
+
+    def __init__(self, reasoner, bptt_steps: int | None, max_graphs: int = 16):
+        self.reasoner, self.bptt_steps = reasoner, bptt_steps
+        self.module = _Unrolled(reasoner, bptt_steps)  # the eager path
+        self.graphs: dict[tuple, torch.nn.Module] = {}
+        self.max_graphs, self.rows, self.failed = max_graphs, 0, False
+
+    def __call__(self, tokens, latent, mem_states, mem_mask) -> torch.Tensor:
+        if self.failed or torch.is_autocast_enabled("cuda"):
+            return self.module(tokens, latent, mem_states, mem_mask)
+        b, t = tokens.shape
+        self.rows = max(self.rows, b)
+        padded = pad_batch_shape(tokens, latent, mem_states, mem_mask, self.rows, bucket(t, 8),
+                                 bucket(mem_states.shape[1], 64))
+        key = tuple((x.shape, x.dtype) for x in padded)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            graphed = self._capture(padded, key)
+            if graphed is None:
+                return self.module(tokens, latent, mem_states, mem_mask)
+        return graphed(*padded)[:b, :t]
+
+    def _capture(self, padded: tuple, key: tuple):
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))
+        self.reasoner.position_tables(padded[0].shape[1], padded[0].device)  # outside the graph's memory pool
+        try:  # a module of its own per shape: capture replaces the module's forward
+            graphed = torch.cuda.make_graphed_callables(_Unrolled(self.reasoner, self.bptt_steps), padded,
+                                                        allow_unused_input=True)
+        except Exception as e:
+            self.failed = True
+            warn_once("training", f"CUDA graph capture of the training recurrence failed ({e}); training on "
+                                  "the eager fixed-shape path instead (model.execution: static skips the attempt)")
+            return None
+        self.graphs[key] = graphed
+        return graphed

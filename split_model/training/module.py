@@ -17,7 +17,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from split_model.memory import HFMemory
-from split_model.reasoner import Reasoner, ReasonerConfig
+from split_model.reasoner import Reasoner, ReasonerConfig, Sampling
+from split_model.reasoner.graphs import GraphedTraining
 from split_model.tasks import Task
 from split_model.training.format import IGNORE, Formatter
 
@@ -40,6 +41,11 @@ class SplitModelModule(LightningModule):
         output_vocab: which tokens the reasoner writes: full (the backbone's whole vocabulary)
             or task (only tokens that occur in the training targets; far cheaper to train
             with a large vocabulary, and the model can only write what the task needs).
+        execution: how the recurrence runs. auto: fixed-shape steps (preallocated caches
+            written in place, no host syncs, a fused optimizer), captured as CUDA graphs on a
+            GPU; on CPU the eager fixed-shape path, which measured fastest there. static: the
+            fixed-shape path, never captured. dynamic: the reference implementation (caches
+            grown step by step, unfused optimizer), for comparison.
     """
 
     def __init__(
@@ -52,12 +58,15 @@ class SplitModelModule(LightningModule):
         warmup_steps: int = 100,
         max_new_tokens: int | None = None,
         output_vocab: Literal["full", "task"] = "full",
+        execution: Literal["auto", "static", "dynamic"] = "auto",
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
             raise ValueError(f"bptt_steps must be positive or None, got {bptt_steps}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if execution not in ("auto", "static", "dynamic"):
+            raise ValueError(f"execution must be one of auto, static, dynamic; got {execution!r}")
         self.save_hyperparameters(ignore=["memory"])
         self.memory = memory = HFMemory(name=memory) if isinstance(memory, str) else memory
         self.reasoner = Reasoner(
@@ -67,6 +76,7 @@ class SplitModelModule(LightningModule):
         self.formatter: Formatter | None = None
         self.task: Task | None = None
         self._format_spec: dict | None = None
+        self._graphed: GraphedTraining | None = None
         rank_zero_info(self.describe())
 
     def describe(self) -> str:
@@ -98,14 +108,18 @@ class SplitModelModule(LightningModule):
                                f"unexpected {result.unexpected_keys}")
         return result
 
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the reasoner only; no weight decay on norms, gates and embeddings."""
         decay, no_decay = [], []
         for name, p in self.reasoner.named_parameters():
             (decay if p.ndim == 2 and "embed" not in name else no_decay).append(p)
-        opt = torch.optim.AdamW(
+        return torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=(0.9, 0.95),
+            lr=self.hparams.lr, betas=(0.9, 0.95), fused=self._fused_optimizer(),
         )
+
+    def configure_optimizers(self):
+        opt = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = min(self.hparams.warmup_steps, total // 2)
 
@@ -117,10 +131,28 @@ class SplitModelModule(LightningModule):
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
+    def _fused_optimizer(self) -> bool | None:
+        """One kernel per parameter group instead of a dozen per tensor, where torch has it."""
+        if self.hparams.execution == "dynamic":
+            return None
+        return all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in self.reasoner.parameters())
+
     # -- steps ---------------------------------------------------------------------------------
-    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _logits(self, batch: dict):
+        """(B, T, V or K) logits of the batch's sequences, and the memory K/V (None when a
+        captured graph computed them inside)."""
+        args = (batch["tokens"], batch["latent"])
+        execution, bptt = self.hparams.execution, self.hparams.bptt_steps
+        if execution == "auto" and batch["tokens"].is_cuda and torch.is_grad_enabled():
+            if self._graphed is None:
+                self._graphed = GraphedTraining(self.reasoner, bptt)
+            return self._graphed(*args, batch["mem_states"], batch["mem_mask"]), None
         mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
-        logits = self.reasoner(batch["tokens"], batch["latent"], mem, self.hparams.bptt_steps)  # (B, T, V or K)
+        forward = self.reasoner.forward_dynamic if execution == "dynamic" else self.reasoner
+        return forward(*args, mem, bptt), mem
+
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, mem = self._logits(batch)
         labels = self._label_index(batch["labels"])
         if bool((labels != IGNORE).any()):
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
@@ -156,7 +188,7 @@ class SplitModelModule(LightningModule):
             self.log("train/grad_norm", torch.stack(grads).norm())
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
-        loss, acc, mem = self._forward(batch)
+        loss, acc, mem = self._forward(batch)  # no graphs in evaluation (no grad): mem is set
         b = batch["tokens"].shape[0]
         preds = self.predict_answers(batch, mem)
         score = sum(self.task.score(p, e) for p, e in zip(preds, batch["examples"])) / b
@@ -180,22 +212,28 @@ class SplitModelModule(LightningModule):
         budget = self.hparams.max_new_tokens or int((batch["labels"] != IGNORE).sum(1).max()) + 2
         return self._answers(mem, batch["n_latent"], budget)
 
-    def _answers(self, mem, n_latent: torch.Tensor, max_new_tokens: int) -> list[str]:
-        """Greedy generation after n_latent (B,) latent steps, decoded to answer strings."""
+    def _answers(self, mem, n_latent: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None,
+                 on_token=None) -> list[str]:
+        """Generation after n_latent (B,) latent steps (greedy unless sampling), decoded to answers."""
         tok = self.memory.tokenizer
-        ids = self.reasoner.generate(mem, n_latent, tok.bos_id, tok.eos_id, max_new_tokens)
+        decoder = {"auto": "graphs", "static": "static", "dynamic": "dynamic"}[self.hparams.execution]
+        ids = self.reasoner.generate(mem, n_latent, tok.bos_id, tok.eos_id, max_new_tokens, sampling=sampling,
+                                     decoder=decoder, on_token=on_token)
         return [self.formatter.answer_from(x) for x in ids]
 
     @torch.no_grad()
-    def generate(self, questions: list[str], n_latent: int = 0, max_new_tokens: int = 64) -> list[str]:
-        """Answers to raw questions: the memory reads each one, the reasoner takes n_latent
-        latent steps, then writes until eos."""
+    def generate(self, questions: list[str], n_latent: int = 0, max_new_tokens: int = 64,
+                 sampling: Sampling | None = None, on_token=None) -> list[str]:
+        """Answers to raw questions, in one batch: the memory reads them all in one pass, the
+        reasoner takes n_latent latent steps, then writes until eos. on_token(ids, writing)
+        streams each step's ids (see Reasoner.generate)."""
         if self.formatter is None:
             raise RuntimeError("no output format known: load the model with load_checkpoint()")
         states = self.memory.encode_texts(questions)
-        mem = self.reasoner.encode_memory(states.states, states.mask)
-        n = torch.full((len(questions),), n_latent, dtype=torch.long, device=states.mask.device)
-        return self._answers(mem, n, max_new_tokens)
+        device = self.reasoner.latent.device
+        mem = self.reasoner.encode_memory(states.states.to(device), states.mask.to(device))
+        n = torch.full((len(questions),), n_latent, dtype=torch.long, device=device)
+        return self._answers(mem, n, max_new_tokens, sampling, on_token)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -255,4 +293,4 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
     return module.eval()
 
 
-_HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab")
+_HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution")

@@ -1,0 +1,81 @@
+"""The `execution` switch of the training module: the fixed-shape path trains what the
+dynamic reference trains, a fused optimizer comes with it, and the CUDA-graph wrapper pads
+batches without changing any real row and falls back to the eager path where it cannot
+capture (as on this CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_reasoner import make_reasoner, memory_inputs, step_inputs
+
+from split_model.reasoner.graphs import GraphedTraining, pad_batch_shape
+from split_model.training import collate
+
+
+def loss_and_grads(tiny, execution: str, root):
+    """Loss and gradients of the same batch from the same start."""
+    torch.manual_seed(0)
+    module = tiny.module(tiny.memory("llama"), feedback="all", execution=execution)
+    dm = tiny.data(module, root)
+    dm.setup("fit")
+    batch = collate([dm.datasets["train"][i] for i in range(8)])
+    loss, _, _ = module._forward(batch)
+    loss.backward()
+    return module, loss.item(), {n: p.grad.clone() for n, p in module.reasoner.named_parameters() if p.grad is not None}
+
+
+def test_fixed_shape_training_step_equals_the_reference(tiny, tmp_path):
+    ref, ref_loss, ref_grads = loss_and_grads(tiny, "dynamic", tmp_path)
+    fast, loss, grads = loss_and_grads(tiny, "auto", tmp_path)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, msg=lambda m: f"{name}: {m}")
+    # The same gradients through the fused and the plain optimizer: the same step.
+    for p, q in zip(fast.reasoner.parameters(), ref.reasoner.parameters()):
+        p.grad = q.grad.clone()
+    fused, plain = fast.build_optimizer(), ref.build_optimizer()
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    fused.step()
+    plain.step()
+    for (name, p), q in zip(fast.reasoner.named_parameters(), ref.reasoner.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
+
+
+def test_unknown_execution_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"execution must be one of auto, static, dynamic; got 'fast'"):
+        tiny.module(tiny.memory("llama"), execution="fast")
+
+
+def padded_logits(model, rows, steps, slots):
+    states, mask = memory_inputs()
+    tokens, latent = step_inputs(t=6)
+    tok, lat, st, mk = pad_batch_shape(tokens, latent, states, mask, rows, steps, slots)
+    assert tok.shape == (rows, steps) and st.shape[:2] == (rows, slots)
+    return model(tok, lat, model.encode_memory(st, mk))
+
+
+@pytest.mark.parametrize("mode", ["none", "all"])
+def test_padding_to_a_graph_shape_leaves_real_rows_unchanged(mode):
+    model = make_reasoner(mode)
+    states, mask = memory_inputs()
+    tokens, latent = step_inputs(t=6)
+    with torch.no_grad():
+        want = model(tokens, latent, model.encode_memory(states, mask))
+        got = padded_logits(model, rows=5, steps=8, slots=64)
+    torch.testing.assert_close(got[:3, :6], want)
+    assert torch.isfinite(got).all()  # padded rows too: nan there would poison the gradients
+
+
+def test_graphed_training_without_cuda_falls_back_to_the_eager_path():
+    model = make_reasoner("all")
+    states, mask = memory_inputs()
+    tokens, latent = step_inputs(t=6)
+    graphed = GraphedTraining(model, bptt_steps=None)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the training recurrence failed"):
+        got = graphed(tokens, latent, states, mask)
+    assert graphed.failed
+    torch.testing.assert_close(got, model(tokens, latent, model.encode_memory(states, mask)))
+    got.sum().backward()
+    assert model.latent.grad is not None
