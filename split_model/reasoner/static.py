@@ -51,12 +51,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q (B, H, 1, dh), k (B, H, N, dh), additive bias (0 or -inf) broadcastable to
+    (B, H, 1, N) -> softmax weights (B, H, 1, N)."""
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias).softmax(-1)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Attention of a few queries as plain matmuls: q (B, H, 1, dh), k/v (B, H, N, dh),
-    bias (B or 1, 1, 1, N) additive (0 or -inf). For one query this is several times faster
-    on CPU than the fused kernels, whose per-call setup dominates at these sizes."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias  # (B, H, 1, N)
-    return scores.softmax(-1) @ v
+    """Attention of one query as plain matmuls -> (B, H, 1, dh). Several times faster on
+    CPU than the fused kernels, whose per-call setup dominates at these sizes."""
+    return attention_weights(q, k, bias) @ v
 
 
 def memory_bias(memory: MemoryKV) -> torch.Tensor:
@@ -78,6 +82,7 @@ class StepKV(GradSum):
     def __init__(self, b: int, h: int, t: int, dh: int, like: torch.Tensor):
         self.k = like.new_zeros(b, h, t, dh)  # zeros, not empty: masked slots meet p = 0, and 0 * nan = nan
         self.v = like.new_zeros(b, h, t, dh)
+        self.causal = like.new_full((t, t), float("-inf")).triu(1)  # row t: additive mask of step t
 
 
 class CachedAttention(torch.autograd.Function):
@@ -95,7 +100,7 @@ class CachedAttention(torch.autograd.Function):
         kv.v[:, :, t] = v[:, :, 0]
         ctx.save_for_backward(q)
         ctx.kv, ctx.t, ctx.floor = kv, t, floor  # the buffer itself: saving it would copy-check versions
-        return attend(q, kv.k, kv.v, _causal_bias(kv.k.shape[2], t, q)), order.new_zeros(())
+        return attend(q, kv.k, kv.v, kv.causal[t]), order.new_zeros(())
 
     @staticmethod
     @once_differentiable
@@ -105,7 +110,8 @@ class CachedAttention(torch.autograd.Function):
         if kv.dk is None:
             kv.dk, kv.dv = torch.zeros_like(kv.k), torch.zeros_like(kv.v)
         live = slice(ctx.floor, t + 1)  # keys inside this step's BPTT window get gradient
-        dq = _attend_backward(q, kv.k, kv.v, _causal_bias(kv.k.shape[2], t, q), dy, kv.dk, kv.dv, live)
+        p = attention_weights(q, kv.k, kv.causal[t])  # recomputed: keeping it would cost O(T) per step
+        dq = _attend_backward(p, q, kv.k, kv.v, dy, kv.dk, kv.dv, live)
         # Every later step has run its backward (see `order`): slot t is complete.
         dk, dv = kv.dk[:, :, t : t + 1].clone(), kv.dv[:, :, t : t + 1].clone()
         return dq, dk, dv, dy.new_zeros(()), None, None, None
@@ -120,26 +126,27 @@ class MemoryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, order, bias, acc: GradSum, first: bool):
-        ctx.save_for_backward(q, k, v, bias)
+        p = attention_weights(q, k, bias)  # (B, H, 1, N): small next to the K/V every step shares
+        ctx.save_for_backward(q, k, v, p)
         ctx.acc, ctx.first = acc, first
-        return attend(q, k, v, bias), order.new_zeros(())
+        return p @ v, order.new_zeros(())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _dorder):
-        q, k, v, bias = ctx.saved_tensors
+        q, k, v, p = ctx.saved_tensors
         acc = ctx.acc
         if acc.dk is None:
             acc.dk, acc.dv = torch.zeros_like(k), torch.zeros_like(v)
-        dq = _attend_backward(q, k, v, bias, dy, acc.dk, acc.dv, slice(None))
+        dq = _attend_backward(p, q, k, v, dy, acc.dk, acc.dv, slice(None))
         dk, dv = (acc.dk, acc.dv) if ctx.first else (None, None)
         return dq, dk, dv, dy.new_zeros(()), None, None, None
 
 
-def _attend_backward(q, k, v, bias, dy, dk, dv, live: slice) -> torch.Tensor:
-    """Backward of `attend` for one query: returns dq; adds into dk, dv at slots `live`."""
+def _attend_backward(p, q, k, v, dy, dk, dv, live: slice) -> torch.Tensor:
+    """Backward of `attend` for one query with weights p (B, H, 1, N): returns dq; adds
+    into dk, dv at slots `live`."""
     scale = q.shape[-1] ** -0.5
-    p = ((q * scale) @ k.transpose(-1, -2) + bias).softmax(-1)  # (B, H, 1, N)
     dp = dy @ v.transpose(-1, -2)  # (B, H, 1, N)
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     # Outer products as broadcast multiply-adds: a batched matmul with an inner size of 1 is slow on CPU.
@@ -148,17 +155,12 @@ def _attend_backward(q, k, v, bias, dy, dk, dv, live: slice) -> torch.Tensor:
     return (ds @ k) * scale  # every key counts for the query, detached or not
 
 
-def _causal_bias(n: int, t: int, like: torch.Tensor) -> torch.Tensor:
-    """(N,) additive mask: slots after t are -inf."""
-    return torch.zeros(n, dtype=like.dtype, device=like.device).masked_fill_(
-        torch.arange(n, device=like.device) > t, float("-inf"))
-
-
 def qkv_step(blk: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotated q, k and v of one step: x (B, 1, d) -> each (B, H, 1, dh)."""
     a = blk.attn
-    q, k, v = a.qkv(blk.norm1(x)).view(x.shape[0], 1, 3, a.h, a.dh).permute(2, 0, 3, 1, 4)
-    return rotate(q, cos, sin), rotate(k, cos, sin), v
+    qkv = a.qkv(blk.norm1(x)).view(x.shape[0], 1, 3, a.h, a.dh).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, dh)
+    q, k = rotate(qkv[:2], cos, sin)  # both in one pass
+    return q, k, qkv[2]
 
 
 def memory_query(blk: Block, x: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
