@@ -14,6 +14,7 @@ from torch import nn
 from split_model.memory import PACKAGED, HFMemory, HFTokenizer, MemoryCache
 
 FAMILIES = ("llama", "gpt2", "bert")
+FP16 = {"rtol": 1e-3, "atol": 1e-5}  # the cache stores float16: 11 significant bits
 TEXTS = ["ball at 2. swap 0 1. swap 1 2. where is the ball?", "hi", "ball at 0. where is the ball?",
          "ball at 1. swap 0 2. where is the ball?", "swap 2 1.", "ball at 2. swap 1 0. swap 0 2. swap 2 1."]
 
@@ -152,13 +153,13 @@ def test_packaged_gguf_is_converted_once_and_reused(capsys):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_states_equal_direct_encoding(tiny, tmp_path, family):
     memory = tiny.memory(family, layers=[1, -1])
-    cached = MemoryCache(tmp_path, memory, batch_size=4).get(TEXTS)  # sorted, batched, padded differently
+    cached = MemoryCache(tmp_path, memory, tokens_per_batch=100).get(TEXTS)  # sorted, batched, padded differently
     direct = memory.encode_texts(TEXTS)
     assert len(cached) == len(TEXTS)
     for i in range(len(TEXTS)):
         n = int(direct.mask[i].sum())
-        assert cached.row(i).shape == (n, 2, memory.hidden_size)
-        torch.testing.assert_close(cached.row(i), direct.states[i, :n])
+        assert cached.row(i).shape == (n, 2, memory.hidden_size) and cached.row(i).dtype == torch.float32
+        torch.testing.assert_close(cached.row(i), direct.states[i, :n], **FP16)
 
 
 def test_cache_hit_never_runs_the_backbone(tiny, tmp_path, monkeypatch):
@@ -199,7 +200,13 @@ def _drop_offsets(entry):
     (entry / "offsets.npy").unlink()
 
 
-@pytest.mark.parametrize("damage", [_truncate_states, _edit_manifest, _garble_manifest, _drop_offsets])
+def _widen_states_to_fp32(entry):
+    """States written as float32 (format version 1) under a current entry's name."""
+    np.save(entry / "states.npy", np.load(entry / "states.npy").astype(np.float32))
+
+
+@pytest.mark.parametrize("damage", [_truncate_states, _edit_manifest, _garble_manifest, _drop_offsets,
+                                    _widen_states_to_fp32])
 def test_damaged_cache_entry_says_to_delete_it(tiny, tmp_path, damage):
     memory = tiny.memory("llama")
     entry = MemoryCache(tmp_path, memory).get(TEXTS).path

@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "speed": "split_model.bench.speed:run",
     "feedback-ablation": "split_model.bench.ablation:run",
     "quickstart": "split_model.bench.quickstart:run",
+    "train-speed": "split_model.bench.train_speed:run",
 }
 
 
@@ -49,16 +50,25 @@ def bench_main(argv: list[str]) -> dict:
     p.add_argument("name", choices=sorted(BENCHES), help="; ".join(
         ["speed: reasoner step vs SmolLM2 decode step, wrapper vs bare prefill",
          "feedback-ablation: none/last/all on the shell game at equal size and budget",
-         "quickstart: time and accuracy of configs/quickstart.yaml"]))
+         "quickstart: time and accuracy of configs/quickstart.yaml",
+         "train-speed: training steps/s of the reference and the fast path, memory encoding tokens/s"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where speed and train-speed run; a CUDA run writes NAME-cuda.json")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device here")
     start = time.time()
     result = _load(args.name)(args)
     record = {"bench": args.name, **result, "wall_seconds": round(time.time() - start, 1),
               "command": "split-model bench " + " ".join(argv), "machine": machine()}
     if not args.quick:
-        out = Path(args.out_dir) / f"{args.name}.json"
+        suffix = "" if args.device == "cpu" else f"-{args.device}"
+        out = Path(args.out_dir) / f"{args.name}{suffix}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
         log(f"wrote {out}")

@@ -1,45 +1,42 @@
 """Speed: is the split worth it?
 
-In one process on one thread:
+In one process (one CPU thread, or one GPU):
 - one step of the quickstart reasoner (KV cache of past steps, cross-attention over a
-  512-token memory, logits over the full SmolLM2 vocabulary) vs one decode step of
-  SmolLM2-135M itself with its KV cache at the same 512-token context;
-- memory prefill of 512 tokens through HFMemory vs the bare transformers forward of the
-  same weights (the wrapper should add nothing).
+  512-token memory, logits over the full SmolLM2 vocabulary), on the reference path
+  ("eager": `Reasoner.step`, caches grown by concatenation) and the fast one (fixed-shape
+  step; replayed as a CUDA graph on a GPU), at batch 1 and 32;
+- one decode step of the memory backbone with its KV cache at the same context: SmolLM2-135M
+  and, on CUDA, a 1.7B-class Llama with random weights; eager, and on CUDA also compiled
+  with a static cache (torch.compile, CUDA graphs);
+- end-to-end generation per token at a 512-token context, 64 new tokens: the split model
+  (the memory reads the context once, the reasoner writes) vs the backbone's own `generate`;
+- memory prefill of 512 tokens through HFMemory vs the bare transformers forward.
 Timings alternate between the compared sides and report medians, so drift on a shared
-machine hits both sides alike.
+machine hits all sides alike. The CPU run writes results/speed.json, a CUDA run speed-cuda.json.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from split_model.bench import log
+from split_model.bench.decode import (
+    CompileError,
+    DecodeStep,
+    bench_dtype,
+    generate_ms_per_token,
+    llama_1p7b_config,
+    prepare_decode_step,
+    random_lm,
+    time_steps_ms,
+)
 
 CONTEXT = 512
 PAST_STEPS = 16  # reasoner steps already in its KV cache
-
-
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def _interleaved(a, b, rounds: int, per_round: int) -> tuple[float, float]:
-    """Median ms of a and of b, measured in alternating rounds."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(_median_ms(a, per_round))
-        tb.append(_median_ms(b, per_round))
-    return statistics.median(ta), statistics.median(tb)
+NEW_TOKENS = 64  # per-token generation cost is amortised over this many
 
 
 def quickstart_reasoner_config():
@@ -51,60 +48,136 @@ def quickstart_reasoner_config():
     return ReasonerConfig(**OmegaConf.to_container(cfg.model.reasoner))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reasoner_steps(reasoner, memory, device: torch.device) -> dict[str, DecodeStep]:
+    """Prepared steps of the reasoner at PAST_STEPS past steps: eager (dynamic) and fast."""
+    b = memory.mask.shape[0]
+    tok, no_latent = torch.full((b,), 7, device=device), torch.zeros(b, dtype=torch.bool, device=device)
+    warm = [torch.full((b,), t < PAST_STEPS // 2, device=device) for t in range(PAST_STEPS)]
+    state = reasoner.start(memory)
+    for latent in warm:
+        _, state = reasoner.step(state, tok, latent)
+    eager = DecodeStep(lambda: reasoner.step(state, tok, no_latent)[0], lambda: None, None, device)
+    fast_dec = reasoner.decoder(memory, PAST_STEPS + 1, "graphs" if device.type == "cuda" else "static")
+    inner = getattr(fast_dec, "decoder", fast_dec)  # the StaticDecoder under a graph
+    for latent in warm:
+        fast_dec.step(tok, latent)
+    fast = DecodeStep(lambda: fast_dec.step(tok, no_latent), lambda: inner.pos.sub_(1), None, device)
+    return {"eager": eager, "fast": fast}
+
+
+def split_generate_ms_per_token(wrapper, reasoner, ids, device: torch.device) -> float:
+    """The split model's generation, end to end: the memory reads the context, the reasoner
+    writes NEW_TOKENS tokens (eos disabled); wall ms per new token."""
+    mask = torch.ones_like(ids)
+    dtype = bench_dtype(device)
+    kind = "graphs" if device.type == "cuda" else "static"
+
+    def once():
+        states = wrapper.encode(ids, mask, dtype=dtype)
+        memory = reasoner.encode_memory(states.states, states.mask)
+        out = reasoner.generate(memory, torch.zeros(ids.shape[0], dtype=torch.long, device=device),
+                                bos_id=wrapper.tokenizer.bos_id, eos_id=-1, max_new_tokens=NEW_TOKENS, decoder=kind)
+        assert len(out[0]) == NEW_TOKENS
+
+    once()  # warm-up (and graph capture on CUDA)
+    _sync(device)
+    start = time.perf_counter()
+    once()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3 / NEW_TOKENS
+
+
+def decode_steps(lm, ids, device: torch.device, name: str) -> dict[str, DecodeStep]:
+    """Eager, and on CUDA compiled, decode steps of `lm`; a failed compile is logged and left out."""
+    steps = {"eager": prepare_decode_step(lm, ids, mode="eager")}
+    if device.type == "cuda":
+        try:
+            steps["compiled"] = prepare_decode_step(lm, ids, mode="compiled")
+        except CompileError as e:
+            log(f"{name}: compiled decode step unavailable: {e}")
+    return steps
+
+
+@torch.no_grad()
 def run(args) -> dict:
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
     from split_model.memory import HFMemory
     from split_model.reasoner import Reasoner
 
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rounds, per_round = (3, 2) if args.quick else (7, 5)
     log("loading SmolLM2-135M (wrapper and bare copies)")
-    wrapper = HFMemory(name="smollm2-135m", max_length=CONTEXT)
-    lm = AutoModelForCausalLM.from_pretrained(wrapper.path, dtype=torch.float32).eval()  # the same converted files
-    ids = torch.randint(100, wrapper.tokenizer.vocab_size, (1, CONTEXT))
+    wrapper = HFMemory(name="smollm2-135m", max_length=CONTEXT).to(device)
+    lm = AutoModelForCausalLM.from_pretrained(wrapper.path, dtype=bench_dtype(device)).to(device).eval()
+    ids = torch.randint(100, wrapper.tokenizer.vocab_size, (1, CONTEXT), device=device)
     mask = torch.ones_like(ids)
 
-    with torch.no_grad():
-        log("prefill: wrapper vs bare")
-        wrapped_ms, bare_ms = _interleaved(
-            lambda: wrapper.encode(ids, mask), lambda: lm.model(input_ids=ids, attention_mask=mask, use_cache=False),
-            rounds, 1)
+    log("prefill: wrapper vs bare")
+    prefill = {"wrapper": DecodeStep(lambda: wrapper.encode(ids, mask), lambda: None, None, device),
+               "bare": DecodeStep(lambda: wrapper.model(input_ids=ids, attention_mask=mask, use_cache=False),
+                                  lambda: None, None, device)}
+    wrapped_ms, bare_ms = time_steps_ms(list(prefill.values()), rounds=rounds, per_round=1)
 
-        log("decode step of SmolLM2 with a 512-token KV cache")
-        cache = DynamicCache()
-        lm(input_ids=ids, past_key_values=cache, use_cache=True)
-        nxt = torch.tensor([[42]])
+    cfg = quickstart_reasoner_config()
+    reasoner = Reasoner(cfg, vocab_size=wrapper.tokenizer.vocab_size, memory_dim=wrapper.hidden_size,
+                        num_states=wrapper.num_states).to(device).eval()
+    states = wrapper.encode(ids, mask)
+    steps: dict[str, DecodeStep] = {}
+    for b in (1, 32):
+        memory = reasoner.encode_memory(states.states.expand(b, -1, -1, -1), states.mask.expand(b, -1))
+        for path, step in reasoner_steps(reasoner, memory, device).items():
+            steps[f"reasoner/{path}/b{b}"] = step
+    log("decode steps of the memory backbone(s)")
+    for path, step in decode_steps(lm, ids, device, "smollm2_135m").items():
+        steps[f"smollm2_135m/{path}"] = step
+    big = None
+    if device.type == "cuda":
+        big = random_lm(llama_1p7b_config(), device)
+        for path, step in decode_steps(big, ids % big.config.vocab_size, device, "llama_1.7b").items():
+            steps[f"llama_1.7b/{path}"] = step
+    log(f"timing {len(steps)} steps in alternating rounds")
+    ms = dict(zip(steps, time_steps_ms(list(steps.values()), rounds=rounds, per_round=per_round)))
 
-        def decode():
-            lm(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache.crop(-1)  # drop the new token: every timed step sees the same 512-token context
-
-        log("reasoner step with cross-attention over 512 memory states")
-        cfg = quickstart_reasoner_config()
-        reasoner = Reasoner(cfg, vocab_size=wrapper.tokenizer.vocab_size, memory_dim=wrapper.hidden_size,
-                            num_states=wrapper.num_states).eval()
-        states = wrapper.encode(ids, mask)
-        memory = reasoner.encode_memory(states.states, states.mask)
-        state = reasoner.start(memory)
-        tok = torch.tensor([7])
-        for t in range(PAST_STEPS):
-            _, state = reasoner.step(state, tok, torch.tensor([t < PAST_STEPS // 2]))
-        no_latent = torch.tensor([False])
-        decode_ms, step_ms = _interleaved(decode, lambda: reasoner.step(state, tok, no_latent), rounds, per_round)
-
-    n_reasoner = sum(p.numel() for p in reasoner.parameters())
-    return {
-        "decode_over_reasoner_step": round(decode_ms / step_ms, 2),
+    log("generation per token: split model vs the backbone's own generate")
+    gen = {"split_model": split_generate_ms_per_token(wrapper, reasoner, ids, device),
+           "memory_generate": generate_ms_per_token(lm, ids, NEW_TOKENS)}
+    step_ms = {path: {f"b{b}": round(ms[f"reasoner/{path}/b{b}"], 4) for b in (1, 32)} for path in ("eager", "fast")}
+    fast_b1 = ms["reasoner/fast/b1"]
+    common = {
+        "generate_ms_per_token": {k: round(v, 3) for k, v in gen.items()},
+        "generate_speedup": round(gen["memory_generate"] / gen["split_model"], 2),
         "prefill_wrapper_over_bare": round(wrapped_ms / bare_ms, 3),
-        "smollm2_decode_step_ms": round(decode_ms, 3),
-        "reasoner_step_ms": round(step_ms, 3),
-        "prefill_wrapper_ms": round(wrapped_ms, 1),
-        "prefill_bare_ms": round(bare_ms, 1),
+        "prefill_wrapper_ms": round(wrapped_ms, 2),
+        "prefill_bare_ms": round(bare_ms, 2),
         "context_tokens": CONTEXT,
         "reasoner_past_steps": PAST_STEPS,
-        "reasoner": {**cfg.__dict__, "params": n_reasoner, "vocab_size": wrapper.tokenizer.vocab_size},
+        "reasoner": {**cfg.__dict__, "params": sum(p.numel() for p in reasoner.parameters()),
+                     "vocab_size": wrapper.tokenizer.vocab_size},
         "memory_params": sum(p.numel() for p in wrapper.parameters()),
         "threads": torch.get_num_threads(),
+    }
+    if device.type == "cpu":  # the CPU record keeps its original keys
+        return {
+            "decode_over_reasoner_step": round(ms["smollm2_135m/eager"] / fast_b1, 2),
+            "smollm2_decode_step_ms": round(ms["smollm2_135m/eager"], 3),
+            "reasoner_step_ms": round(fast_b1, 3),
+            "reasoner_step_ms_by_path": step_ms,
+            **common,
+        }
+    decode = {name: {path: round(ms[f"{name}/{path}"], 3) for path in ("eager", "compiled") if f"{name}/{path}" in ms}
+              for name in ("smollm2_135m", "llama_1.7b")}
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "reasoner_step_ms": step_ms,
+        "decode_step_ms": decode,
+        "decode_over_reasoner_step": {name: round(d.get("compiled", d["eager"]) / fast_b1, 2) for name, d in decode.items()},
+        **common,
     }

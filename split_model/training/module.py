@@ -20,6 +20,7 @@ from split_model.memory import HFMemory
 from split_model.reasoner import Reasoner, ReasonerConfig, Sampling
 from split_model.reasoner.graphs import GraphedTraining
 from split_model.tasks import Task
+from split_model.training.distributed import ignore_frozen_memory
 from split_model.training.format import IGNORE, Formatter
 
 CKPT_KEY = "split_model"
@@ -89,6 +90,7 @@ class SplitModelModule(LightningModule):
         self.formatter, self.task, self._format_spec = formatter, task, formatter.spec
 
     def setup(self, stage: str) -> None:
+        ignore_frozen_memory(self)  # before any DDP wrapping: the frozen backbone has no gradients to sync
         data = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and self.hparams.output_vocab == "task" and data is not None:
             self.reasoner.set_output_vocab(data.target_token_ids())
