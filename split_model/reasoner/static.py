@@ -69,20 +69,30 @@ def memory_bias(memory: MemoryKV) -> torch.Tensor:
     return torch.where(memory.mask, zero, float("-inf"))
 
 
-class GradSum:
-    """dK and dV of one block's keys/values, summed over steps during backward."""
-
-    dk: torch.Tensor | None = None
-    dv: torch.Tensor | None = None
-
-
-class StepKV(GradSum):
+class StepKV:
     """Self-attention K/V of one block for T_max steps, and their gradient sums."""
 
     def __init__(self, b: int, h: int, t: int, dh: int, like: torch.Tensor):
         self.k = like.new_zeros(b, h, t, dh)  # zeros, not empty: masked slots meet p = 0, and 0 * nan = nan
         self.v = like.new_zeros(b, h, t, dh)
         self.causal = like.new_full((t, t), float("-inf")).triu(1)  # row t: additive mask of step t
+        self.dk: torch.Tensor | None = None
+        self.dv: torch.Tensor | None = None
+
+
+class MemoryReads:
+    """What every step of one block read from the memory, kept for one batched backward.
+
+    dK = sum_t ds_t^T q_t and dV = sum_t p_t^T dy_t are one matmul each over all T steps;
+    summed step by step they would rewrite the whole (B, H, N, dh) gradient T times, which
+    is what bounds a long memory's backward on a CPU.
+    """
+
+    def __init__(self, b: int, h: int, steps: int, n: int, dh: int, like: torch.Tensor):
+        self.p = like.new_empty(b, h, steps, n)  # attention weights of each step
+        self.q = like.new_empty(b, h, steps, dh)  # each step's (unscaled) query
+        self.ds: torch.Tensor | None = None  # d(scores), filled by backward
+        self.dy: torch.Tensor | None = None  # d(output), filled by backward
 
 
 class CachedAttention(torch.autograd.Function):
@@ -118,28 +128,39 @@ class CachedAttention(torch.autograd.Function):
 
 
 class MemoryAttention(torch.autograd.Function):
-    """One step's query attends to the memory K/V (B, H, N, dh) shared by all steps.
+    """Step t's query (B, H, 1, dh) attends to the memory K/V (B, H, N, dh) shared by all steps.
 
-    Backward adds dK/dV into one accumulator per block instead of returning a full-size
-    gradient from every step; the first step's node (run last, see `order`) hands it on.
+    Backward returns dq at every step but dK/dV only at step 0, whose node runs last (see
+    `order`): by then every step has left its weights and gradients in `reads`.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, order, bias, acc: GradSum, first: bool):
-        p = attention_weights(q, k, bias)  # (B, H, 1, N): small next to the K/V every step shares
-        ctx.save_for_backward(q, k, v, p)
-        ctx.acc, ctx.first = acc, first
+    def forward(ctx, q, k, v, order, bias, reads: MemoryReads, t: int):
+        p = attention_weights(q, k, bias)  # (B, H, 1, N)
+        reads.p[:, :, t : t + 1] = p
+        reads.q[:, :, t : t + 1] = q
+        ctx.save_for_backward(k, v)
+        ctx.reads, ctx.t = reads, t
         return p @ v, order.new_zeros(())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _dorder):
-        q, k, v, p = ctx.saved_tensors
-        acc = ctx.acc
-        if acc.dk is None:
-            acc.dk, acc.dv = torch.zeros_like(k), torch.zeros_like(v)
-        dq = _attend_backward(p, q, k, v, dy, acc.dk, acc.dv, slice(None))
-        dk, dv = (acc.dk, acc.dv) if ctx.first else (None, None)
+        k, v = ctx.saved_tensors
+        r, t = ctx.reads, ctx.t
+        scale = k.shape[-1] ** -0.5
+        if r.ds is None:  # zeros: a step whose backward never runs contributes nothing
+            r.ds, r.dy = torch.zeros_like(r.p), torch.zeros_like(r.q)
+        p = r.p[:, :, t : t + 1]
+        dp = dy @ v.transpose(-1, -2)  # (B, H, 1, N)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        r.ds[:, :, t : t + 1] = ds
+        r.dy[:, :, t : t + 1] = dy
+        dq = (ds @ k) * scale
+        if t:
+            return dq, None, None, dy.new_zeros(()), None, None, None
+        dk = (r.ds.transpose(-1, -2) @ r.q) * scale  # (B, H, N, T) @ (B, H, T, dh): every step at once
+        dv = r.p.transpose(-1, -2) @ r.dy
         return dq, dk, dv, dy.new_zeros(()), None, None, None
 
 
@@ -229,17 +250,18 @@ class _Unroll:
         cfg, like = reasoner.cfg, memory.kv[0][0]
         self.r, self.memory, self.bias = reasoner, memory, memory_bias(memory)
         self.kv = [StepKV(batch, cfg.n_heads, steps, cfg.head_dim, like) for _ in range(cfg.n_layers)]
-        self.mem_grads = [GradSum() for _ in range(cfg.n_layers)]
+        n = memory.mask.shape[-1]
+        self.reads = [MemoryReads(batch, cfg.n_heads, steps, n, cfg.head_dim, like) for _ in range(cfg.n_layers)]
         self.order = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=torch.is_grad_enabled())
 
     def step(self, x: torch.Tensor, t: int, floor: int, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """x (B, 1, d): step t's input -> every layer's output [(B, 1, d)] * (L+1)."""
         layer_states = [x]
-        for blk, kv, (mem_k, mem_v), grads in zip(self.r.blocks, self.kv, self.memory.kv, self.mem_grads):
+        for blk, kv, (mem_k, mem_v), reads in zip(self.r.blocks, self.kv, self.memory.kv, self.reads):
             q, k, v = qkv_step(blk, x, cos, sin)
             y, self.order = CachedAttention.apply(q, k, v, self.order, kv, t, floor)
             x, q = memory_query(blk, x, y)
-            y, self.order = MemoryAttention.apply(q, mem_k, mem_v, self.order, self.bias, grads, t == 0)
+            y, self.order = MemoryAttention.apply(q, mem_k, mem_v, self.order, self.bias, reads, t)
             x = block_finish(blk, x, y)
             layer_states.append(x)
         return layer_states
