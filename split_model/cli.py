@@ -90,7 +90,10 @@ def write_predictions(trainer, datamodule) -> None:
 
 
 def generate_main(argv: list[str]) -> list[str]:
-    p = argparse.ArgumentParser(prog="split-model generate", description="Answer questions with a trained checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="split-model generate",
+        description="Answer questions with a trained checkpoint. Questions run in batches: the memory reads a "
+                    "batch in one pass and the reasoner writes every answer of the batch at once.")
     p.add_argument("--checkpoint", required=True, help="a .ckpt written by `split-model fit`")
     p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
     p.add_argument("--file", help="a text file with one question per line")
@@ -98,6 +101,14 @@ def generate_main(argv: list[str]) -> list[str]:
                    help="latent steps before the answer (default: the most common count in the training "
                         "data; with steps=latent, pass the number of reasoning steps this question needs)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer to write")
+    p.add_argument("--batch-size", type=int, default=64, help="questions per batch")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the tokens holding this much probability")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: random)")
+    p.add_argument("--stream", action="store_true", help="print each answer's tokens as they are written "
+                                                         "(one question at a time)")
     args = p.parse_args(argv)
     questions = list(args.question)
     if args.file:
@@ -108,17 +119,50 @@ def generate_main(argv: list[str]) -> list[str]:
         questions += [q for q in Path(args.file).read_text().split("\n") if q.strip()]
     if not questions:
         p.error("give at least one --question or a --file")
+    if args.batch_size <= 0 or args.max_new_tokens <= 0:
+        p.error("--batch-size and --max-new-tokens must be positive")
     import torch
 
+    from split_model.reasoner import Sampling
     from split_model.training import load_checkpoint
 
-    torch.set_num_threads(1)
-    model = load_checkpoint(args.checkpoint)
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    model = load_checkpoint(args.checkpoint).to(device)
     n_latent = args.latent_steps if args.latent_steps is not None else model.formatter.default_latent
-    answers = model.generate(questions, n_latent=n_latent, max_new_tokens=args.max_new_tokens)
+    kwargs = {"n_latent": n_latent, "max_new_tokens": args.max_new_tokens, "sampling": sampling}
+    if args.stream:
+        return [stream_answer(model, q, kwargs) for q in questions]
+    answers = []
+    for i in range(0, len(questions), args.batch_size):
+        answers += model.generate(questions[i : i + args.batch_size], **kwargs)
     for a in answers:
         print(a)
     return answers
+
+
+def stream_answer(model, question: str, kwargs: dict) -> str:
+    """Print one answer's text as the reasoner writes it; returns the decoded answer."""
+    tok, written, shown = model.memory.tokenizer, [], [""]
+
+    def on_token(ids, writing):
+        if bool(writing[0]):
+            written.append(int(ids[0]))
+            text = tok.decode(written)  # whole text each time: tokens may be pieces of a word
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+
+    (answer,) = model.generate([question], on_token=on_token, **kwargs)
+    print(flush=True)
+    return answer
 
 
 def data_main(argv: list[str]) -> None:

@@ -134,3 +134,47 @@ def test_a_backbone_is_swapped_by_its_short_name(tiny, tmp_path):
     assert memory.spec["name"] == "minilm-l6" and memory.hidden_size == 384
     assert cli.model.reasoner.embed.table.shape[0] == memory.tokenizer.vocab_size == 30522
     assert cli.trainer.global_step == 2
+
+
+def _ckpt_and_questions(fitted_cli, n: int = 5):
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    task = StateTracking(n_items=3, length=3, n_train=4, n_valid=2, n_test=n)
+    return ckpt, [e.question for e in task.examples("test")]
+
+
+def test_generate_answers_the_same_in_any_batch_size(fitted_cli, capsys):
+    ckpt, questions = _ckpt_and_questions(fitted_cli)
+    args = ["generate", "--checkpoint", ckpt, *[a for q in questions for a in ("--question", q)], "--max-new-tokens", "4"]
+    assert dispatch(args + ["--batch-size", "2"]) == dispatch(args + ["--batch-size", "64"])
+
+
+def test_generate_samples_reproducibly_with_a_seed(fitted_cli):
+    ckpt, questions = _ckpt_and_questions(fitted_cli)
+    args = ["generate", "--checkpoint", ckpt, *[a for q in questions for a in ("--question", q)],
+            "--max-new-tokens", "4", "--temperature", "5", "--seed", "3"]
+    assert dispatch(args) == dispatch(args)
+    greedy = dispatch(["generate", "--checkpoint", ckpt, *[a for q in questions for a in ("--question", q)],
+                       "--max-new-tokens", "4"])
+    assert dispatch(args[:-2] + ["--top-k", "1", "--seed", "9"]) == greedy
+
+
+def test_generate_streams_the_answer_as_it_is_written(fitted_cli, capsys):
+    ckpt, questions = _ckpt_and_questions(fitted_cli, n=2)
+    capsys.readouterr()
+    answers = dispatch(["generate", "--checkpoint", ckpt, "--question", questions[0], "--question", questions[1],
+                        "--max-new-tokens", "4", "--stream"])
+    assert answers == dispatch(["generate", "--checkpoint", ckpt, "--question", questions[0], "--question",
+                                questions[1], "--max-new-tokens", "4"])
+    streamed = capsys.readouterr().out.splitlines()[:2]
+    assert [s.strip() for s in streamed] == answers  # steps=latent: the written text is the answer
+
+
+@pytest.mark.parametrize("extra, message", [(["--device", "cuda"], "no CUDA device"),
+                                            (["--top-p", "0"], "top_p must be in"),
+                                            (["--batch-size", "0"], "must be positive")])
+def test_generate_refuses_bad_options_in_one_line(fitted_cli, capsys, extra, message):
+    ckpt, questions = _ckpt_and_questions(fitted_cli, n=2)
+    with pytest.raises(SystemExit) as exit_:
+        dispatch(["generate", "--checkpoint", ckpt, "--question", questions[0], *extra])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

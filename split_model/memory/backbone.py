@@ -176,9 +176,10 @@ class HFMemory(nn.Module):
         ids = [self.tokenizer.encode_context(t, self.max_length) for t in texts]
         return pad_batch(ids, self.tokenizer.pad_id)
 
-    def encode_texts(self, texts: list[str]) -> MemoryStates:
+    def encode_texts(self, texts: list[str], dtype: EncodeDtype = "auto") -> MemoryStates:
+        """Tokenize and encode on the backbone's device, in the precision the cache would use there."""
         ids, mask = self.tokenize(texts)
-        return self.encode(ids.to(self.device), mask.to(self.device))
+        return self.encode(ids.to(self.device), mask.to(self.device), dtype=encode_dtype(self.device, dtype))
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
