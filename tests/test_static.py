@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_reasoner import BOS, MODES, make_reasoner, memory, memory_inputs, step_inputs
+from test_reasoner import BOS, MODES, make_reasoner, memory, step_inputs
 
 from split_model.reasoner import Sampling, StaticDecoder
 from split_model.reasoner.graphs import graphed_or_eager

@@ -13,16 +13,16 @@ touches has one shape for the whole sequence:
 
 Training keeps the in-place buffer too. `CachedAttention` is an autograd function that
 saves only its query: its backward recomputes the attention weights from the buffer and
-adds dK/dV into a shared gradient buffer, so memory grows with T, not T^2. Every step's
-node takes an `order` tensor produced by the step before it; autograd therefore runs the
-backward of step t only after the backward of every later step, which is when dK[t] and
-dV[t] are complete.
+adds dK/dV into a shared gradient buffer, so memory grows with T, not T^2.
+`MemoryAttention` keeps each step's attention weights over the memory and computes the
+memory K/V gradients of all steps in one matmul at the end. Every such node takes an
+`order` tensor produced by the node before it; autograd therefore runs the backward of
+step t only after the backward of every later step, which is when those sums are complete.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from split_model.reasoner.layers import Block, MemoryKV

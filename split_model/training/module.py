@@ -156,10 +156,10 @@ class SplitModelModule(LightningModule):
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, mem = self._logits(batch)
         labels = self._label_index(batch["labels"])
-        if bool((labels != IGNORE).any()):
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        else:  # every label outside the output vocabulary: nothing to score (mean of none is nan)
-            loss = logits.sum() * 0.0
+        # The mean over scored labels, without asking the host whether there are any (a sync per
+        # step on a GPU): with none, e.g. all outside the output vocabulary, the loss is 0, not nan.
+        total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        loss = total / (labels != IGNORE).sum().clamp_min(1)
         right = (self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]) | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
 
