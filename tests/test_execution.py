@@ -68,7 +68,10 @@ def test_padding_to_a_graph_shape_leaves_real_rows_unchanged(mode):
     assert torch.isfinite(got).all()  # padded rows too: nan there would poison the gradients
 
 
-def test_graphed_training_without_cuda_falls_back_to_the_eager_path():
+def test_graphed_training_without_cuda_falls_back_to_the_eager_path(monkeypatch):
+    from split_model.reasoner import graphs
+
+    monkeypatch.setattr(graphs, "_warned", set())
     model = make_reasoner("all")
     states, mask = memory_inputs()
     tokens, latent = step_inputs(t=6)

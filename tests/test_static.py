@@ -94,13 +94,22 @@ def test_the_step_has_no_host_sync_or_data_dependent_python():
         torch.testing.assert_close(a, b)
 
 
-def test_graph_capture_failure_falls_back_to_the_eager_step_with_one_warning():
-    """On a machine without CUDA, capture fails: generation still works, eagerly."""
+def test_graph_capture_failure_falls_back_to_the_eager_step_with_one_warning(monkeypatch):
+    """On a machine without CUDA, capture fails: generation still works, eagerly, and later
+    calls neither try again nor warn again."""
+    import warnings
+
+    from split_model.reasoner import graphs
+
+    monkeypatch.setattr(graphs, "_warned", set())
     model = make_reasoner("all")
     dec = model.decoder(memory(model), 6)
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the reasoner step failed"):
         fallback = graphed_or_eager(dec)
     assert fallback is dec and int(dec.pos) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert graphed_or_eager(dec) is dec
     # A CPU memory never attempts capture, so generation with decoder="graphs" is the static path.
     n_latent = torch.tensor([1, 0, 2])
     mem = memory(model)

@@ -54,7 +54,10 @@ class GraphedDecoder:
 
 
 def graphed_or_eager(decoder: StaticDecoder):
-    """The decoder behind a CUDA graph when it can be captured; else itself, with one warning."""
+    """The decoder behind a CUDA graph when it can be captured; else itself, with one warning
+    (after a failure, later calls do not try again)."""
+    if "decoder" in _warned:
+        return decoder
     try:
         return GraphedDecoder(decoder)
     except Exception as e:  # capture failures come as RuntimeError, CUDA or driver errors alike
