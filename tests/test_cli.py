@@ -178,3 +178,18 @@ def test_generate_refuses_bad_options_in_one_line(fitted_cli, capsys, extra, mes
         dispatch(["generate", "--checkpoint", ckpt, "--question", questions[0], *extra])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_lists_train_speed_and_refuses_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        dispatch(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "train-speed" in capsys.readouterr().out
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_:
+        dispatch(["bench", "train-speed", "--device", "cuda"])
+    assert exit_.value.code == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
