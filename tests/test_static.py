@@ -191,3 +191,35 @@ def test_streaming_sees_every_written_id_once():
 
     out = model.generate(mem, n_latent, BOS, -1, 5, on_token=on_token)
     assert seen == out and all(len(x) == 5 for x in out)
+
+
+# -- fused elementwise chains ------------------------------------------------------------------------
+def test_fused_functions_have_the_exact_gradients():
+    from split_model.reasoner.fused import RMSNormFn, RotaryFn, SwiGLUFn
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    angles = torch.randn(2, 4, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFn.apply(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(SwiGLUFn.apply, (x,))
+    assert torch.autograd.gradcheck(lambda x: RotaryFn.apply(x, angles.cos(), angles.sin()), (x,))
+
+
+def test_fused_functions_compute_what_the_modules_compute():
+    from split_model.reasoner.fused import SwiGLUFn, rms_norm
+    from split_model.reasoner.layers import rotary
+    from split_model.reasoner.static import rotate
+
+    model = make_reasoner("all")
+    blk = model.blocks[0]
+    with torch.no_grad():
+        blk.norm1.weight.normal_()
+    x = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(rms_norm(blk.norm1, x), blk.norm1(x))
+    h = blk.mlp.up(x)
+    a, b = h.chunk(2, dim=-1)
+    torch.testing.assert_close(SwiGLUFn.apply(h), F.silu(a) * b)
+    tables = model.position_tables(8, "cpu")
+    heads = x.view(3, 4, 4, 8).transpose(1, 2)  # (B, H, T, dh)
+    torch.testing.assert_close(rotate(heads, tables.cos[2:6], tables.sin[2:6]), rotary(heads, 2, model.cfg.rope_base))

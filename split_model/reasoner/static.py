@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from split_model.reasoner.fused import RotaryFn, SwiGLUFn, rms_norm
 from split_model.reasoner.layers import Block, MemoryKV
 
 
@@ -46,9 +47,7 @@ class PositionTables:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary on interleaved pairs: x (B, H, T, dh), cos/sin (T, dh/2) of x's positions."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return RotaryFn.apply(x, cos, sin)
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -179,7 +178,7 @@ def _attend_backward(p, q, k, v, dy, dk, dv, live: slice) -> torch.Tensor:
 def qkv_step(blk: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotated q, k and v of one step: x (B, 1, d) -> each (B, H, 1, dh)."""
     a = blk.attn
-    qkv = a.qkv(blk.norm1(x)).view(x.shape[0], 1, 3, a.h, a.dh).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, dh)
+    qkv = a.qkv(rms_norm(blk.norm1, x)).view(x.shape[0], 1, 3, a.h, a.dh).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, dh)
     q, k = rotate(qkv[:2], cos, sin)  # both in one pass
     return q, k, qkv[2]
 
@@ -188,13 +187,13 @@ def memory_query(blk: Block, x: torch.Tensor, attn_out: torch.Tensor) -> tuple[t
     """Residual after self-attention, and the cross-attention query: x (B, 1, d) -> x, q (B, H, 1, dh)."""
     b = x.shape[0]
     x = x + blk.attn.out(attn_out.transpose(1, 2).reshape(b, 1, -1))
-    return x, blk.xattn.q(blk.norm2(x)).view(b, 1, blk.xattn.h, blk.xattn.dh).transpose(1, 2)
+    return x, blk.xattn.q(rms_norm(blk.norm2, x)).view(b, 1, blk.xattn.h, blk.xattn.dh).transpose(1, 2)
 
 
 def block_finish(blk: Block, x: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
     """Gated cross-attention residual and MLP: x (B, 1, d), read (B, H, 1, dh) -> (B, 1, d)."""
     x = x + torch.tanh(blk.xattn.gate) * blk.xattn.out(read.transpose(1, 2).reshape(x.shape[0], 1, -1))
-    return x + blk.mlp(blk.norm3(x))
+    return x + blk.mlp.down(SwiGLUFn.apply(blk.mlp.up(rms_norm(blk.norm3, x))))
 
 
 class StaticDecoder:
@@ -240,7 +239,7 @@ class StaticDecoder:
             layer_states.append(x)
         self.states.copy_(torch.stack(layer_states))
         self.pos.add_(1)
-        return r.logits(r.norm(x[:, 0]))
+        return r.logits(rms_norm(r.norm, x[:, 0]))
 
 
 class _Unroll:
@@ -292,4 +291,4 @@ def static_forward(reasoner, embedded: torch.Tensor, latent: torch.Tensor, memor
         if r.feedback is not None:
             states = torch.stack(layer_states)  # (L+1, B, 1, d)
         hiddens.append(layer_states[-1])
-    return r.norm(torch.cat(hiddens, dim=1))
+    return rms_norm(r.norm, torch.cat(hiddens, dim=1))
