@@ -115,6 +115,7 @@ class GraphedTraining:
         self.module = _Unrolled(reasoner, bptt_steps)  # the eager path
         self.graphs: dict[tuple, torch.nn.Module] = {}
         self.max_graphs, self.rows, self.failed = max_graphs, 0, False
+        self.keep_alive: list = []
 
     def __call__(self, tokens, latent, mem_states, mem_mask) -> torch.Tensor:
         if self.failed or torch.is_autocast_enabled("cuda"):
@@ -123,7 +124,8 @@ class GraphedTraining:
         self.rows = max(self.rows, b)
         padded = pad_batch_shape(tokens, latent, mem_states, mem_mask, self.rows, bucket(t, 8),
                                  bucket(mem_states.shape[1], 64))
-        key = tuple((x.shape, x.dtype) for x in padded)
+        ids = self.reasoner.output_ids  # a graph reads the tensors it was captured with: a new one needs a new graph
+        key = (tuple((x.shape, x.dtype) for x in padded), None if ids is None else ids.data_ptr())
         graphed = self.graphs.get(key)
         if graphed is None:
             graphed = self._capture(padded, key)
@@ -134,7 +136,9 @@ class GraphedTraining:
     def _capture(self, padded: tuple, key: tuple):
         if len(self.graphs) >= self.max_graphs:
             self.graphs.pop(next(iter(self.graphs)))
-        self.reasoner.position_tables(padded[0].shape[1], padded[0].device)  # outside the graph's memory pool
+        # Built outside the graph's memory pool, and kept alive with it: the graph reads them.
+        self.keep_alive.append((self.reasoner.position_tables(padded[0].shape[1], padded[0].device),
+                                self.reasoner.output_ids))
         try:  # a module of its own per shape: capture replaces the module's forward
             graphed = torch.cuda.make_graphed_callables(_Unrolled(self.reasoner, self.bptt_steps), padded,
                                                         allow_unused_input=True)
