@@ -97,7 +97,7 @@ def random_lm(config, device: torch.device | str, *, seed: int = 0) -> "PreTrain
     return lm.eval()
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: read the clock after they end
 
@@ -187,7 +187,7 @@ def _compiled_step(forward, rewind, cache: "Cache", device: torch.device, *, com
         for _ in range(WARMUP_STEPS):
             step()
             rewind()
-        _sync(device)
+        sync(device)
     except Exception as e:  # inductor and dynamo raise many types; the caller needs one
         settings = f"backend={backend!r}, mode={mode_kwargs.get('mode')!r}, fullgraph={fullgraph}"
         raise CompileError(f"torch.compile({settings}) of the static-cache decode step failed on {device}: "
@@ -212,10 +212,10 @@ def time_steps_ms(steps: Sequence[DecodeStep], *, rounds: int = 5, per_round: in
 
 
 def _one_step_ms(s: DecodeStep) -> float:
-    _sync(s.device)
+    sync(s.device)
     start = time.perf_counter()
     s.step()
-    _sync(s.device)
+    sync(s.device)
     ms = (time.perf_counter() - start) * 1e3
     s.rewind()
     return ms
@@ -255,8 +255,8 @@ def generate_ms_per_token(lm: "PreTrainedModel", context_ids: torch.Tensor, new_
     prefill of the context is included, as in any real use of generate. One short untimed
     call first pays one-off costs (CUDA context, kernel selection)."""
     greedy_generate(lm, context_ids, 2)
-    _sync(lm.device)
+    sync(lm.device)
     start = time.perf_counter()
     greedy_generate(lm, context_ids, new_tokens)
-    _sync(lm.device)
+    sync(lm.device)
     return (time.perf_counter() - start) * 1e3 / new_tokens

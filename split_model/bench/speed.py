@@ -33,6 +33,7 @@ from split_model.bench.decode import (
     prepare_decode_step,
     random_lm,
     smollm2_135m_config,
+    sync,
     time_steps_ms,
 )
 
@@ -48,11 +49,6 @@ def quickstart_reasoner_config():
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
     return ReasonerConfig(**OmegaConf.to_container(cfg.model.reasoner))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reasoner_steps(reasoner, memory, device: torch.device) -> dict[str, DecodeStep]:
@@ -87,10 +83,10 @@ def split_generate_ms_per_token(wrapper, reasoner, ids, device: torch.device) ->
         assert len(out[0]) == NEW_TOKENS
 
     once()  # warm-up (and graph capture on CUDA)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     once()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) * 1e3 / NEW_TOKENS
 
 

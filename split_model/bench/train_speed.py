@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 
 from split_model.bench import log
+from split_model.bench.decode import sync
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("quickstart", "prosqa")
 PATHS = {"eager": "dynamic", "fast": "auto"}
 
 
-def load_config(name: str, n_examples: int):
-    """The config's module and task, with the task cut to `n_examples` train examples."""
+def load_config(name: str, batches: int):
+    """The config's model and data sections, and its task's class path and arguments, with
+    a generated train split cut to `batches` batches and no valid or test files."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / f"{name}.yaml"))
@@ -35,7 +37,7 @@ def load_config(name: str, n_examples: int):
     task_args = dict(data["task"].get("init_args", {}))
     for key in ("n_train", "n_generated"):  # generated train splits: only as many as the bench uses
         if key in task_args:
-            task_args[key] = n_examples
+            task_args[key] = batches * data["batch_size"]
     for key in ("valid_path", "test_path"):
         task_args.pop(key, None)
     return model, data, data["task"]["class_path"], task_args
@@ -49,10 +51,9 @@ def build(name: str, memory, device: torch.device, batches: int):
     from split_model.reasoner import ReasonerConfig
     from split_model.training import Formatter, SplitModelModule, TaskDataset, collate
 
-    model_cfg, data_cfg, task_path, task_args = load_config(name, n_examples=0)
+    model_cfg, data_cfg, task_path, task_args = load_config(name, batches)
     bs = data_cfg["batch_size"]
     module_path, cls = task_path.rsplit(".", 1)
-    task_args.update({k: batches * bs for k in ("n_train", "n_generated") if k in task_args})
     task = getattr(importlib.import_module(module_path), cls)(**task_args)
     torch.manual_seed(0)
     module = SplitModelModule(memory=memory, reasoner=ReasonerConfig(**model_cfg["reasoner"]),
@@ -98,15 +99,14 @@ def train_step(module, execution: str, batches: list[dict], clip: float | None):
 
 def interleaved_ms(steps: dict, device: torch.device, rounds: int, per_round: int) -> dict[str, float]:
     """Median ms per call of each function, alternating between them round by round."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
-            sync()
+            sync(device)
             start = time.perf_counter()
             for _ in range(per_round):
                 fn()
-            sync()
+            sync(device)
             times[name].append((time.perf_counter() - start) * 1e3 / per_round)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from split_model.reasoner.layers import rotate_pairs
+
 
 class RMSNormFn(torch.autograd.Function):
     """x (..., d), weight (d,) -> x / rms(x) * weight."""
@@ -62,16 +64,10 @@ class RotaryFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        return rotate_pairs(x, cos, sin)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
-        return _rotate(dy, cos, -sin), None, None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        return rotate_pairs(dy, cos, -sin), None, None

@@ -26,14 +26,23 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
-    """Rotate x (B, H, T, dh) by positions start..start+T-1."""
-    dh, t = x.shape[-1], x.shape[-2]
-    inv = base ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)  # (dh/2,)
-    ang = torch.arange(start, start + t, device=x.device, dtype=torch.float32)[:, None] * inv  # (T, dh/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+def rotary_angles(start: int, t: int, dh: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, dh/2) of the rotary angles of positions start..start+T-1."""
+    inv = base ** (-torch.arange(0, dh, 2, device=device, dtype=torch.float32) / dh)  # (dh/2,)
+    ang = torch.arange(start, start + t, device=device, dtype=torch.float32)[:, None] * inv  # (T, dh/2)
+    return ang.cos(), ang.sin()
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs of x (..., T, dh) by angles with cos/sin (T, dh/2)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
+    """Rotate x (B, H, T, dh) by positions start..start+T-1."""
+    return rotate_pairs(x, *rotary_angles(start, x.shape[-2], x.shape[-1], base, x.device))
 
 
 def sinusoid(positions: torch.Tensor, d: int) -> torch.Tensor:

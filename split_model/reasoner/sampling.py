@@ -50,7 +50,7 @@ class Sampling:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # mass before this token already reaches p
+            p = sorted_logits.softmax(-1)
+            drop = p.cumsum(-1) - p >= self.top_p  # mass before this token already reaches p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return logits.softmax(-1)

@@ -26,22 +26,19 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from split_model.reasoner.fused import RotaryFn, SwiGLUFn, rms_norm
-from split_model.reasoner.layers import Block, MemoryKV
+from split_model.reasoner.layers import Block, MemoryKV, rotary_angles, sinusoid
 
 
 class PositionTables:
     """Rotary cos/sin (T, dh/2) and step-position sinusoid features (T, d) for T positions.
 
-    Built with the same arithmetic as `rotary` and `sinusoid` in layers.py, so a table row is
-    bitwise what the dynamic path computes for that position.
+    Built by the functions the dynamic path uses (layers.py), so a table row is bitwise what
+    it computes for that position.
     """
 
     def __init__(self, n: int, head_dim: int, d_model: int, rope_base: float, device):
-        pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]  # (T, 1)
-        inv = rope_base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-        self.cos, self.sin = (pos * inv).cos(), (pos * inv).sin()  # (T, dh/2) each
-        inv_d = 10000.0 ** (-torch.arange(0, d_model, 2, device=device, dtype=torch.float32) / d_model)
-        self.features = torch.cat([(pos * inv_d).sin(), (pos * inv_d).cos()], dim=-1)  # (T, d)
+        self.cos, self.sin = rotary_angles(0, n, head_dim, rope_base, device)  # (T, dh/2) each
+        self.features = sinusoid(torch.arange(n, device=device), d_model)  # (T, d)
         self.length = n
 
 
@@ -68,13 +65,19 @@ def memory_bias(memory: MemoryKV) -> torch.Tensor:
     return torch.where(memory.mask, zero, float("-inf"))
 
 
+def causal_bias(t: int, like: torch.Tensor) -> torch.Tensor:
+    """(T, T) additive masks: row t is 0 on slots 0..t and -inf after."""
+    return like.new_full((t, t), float("-inf")).triu(1)
+
+
 class StepKV:
     """Self-attention K/V of one block for T_max steps, and their gradient sums."""
 
-    def __init__(self, b: int, h: int, t: int, dh: int, like: torch.Tensor):
-        self.k = like.new_zeros(b, h, t, dh)  # zeros, not empty: masked slots meet p = 0, and 0 * nan = nan
-        self.v = like.new_zeros(b, h, t, dh)
-        self.causal = like.new_full((t, t), float("-inf")).triu(1)  # row t: additive mask of step t
+    def __init__(self, b: int, h: int, dh: int, causal: torch.Tensor):
+        t = causal.shape[0]
+        self.k = causal.new_zeros(b, h, t, dh)  # zeros, not empty: masked slots meet p = 0, and 0 * nan = nan
+        self.v = causal.new_zeros(b, h, t, dh)
+        self.causal = causal  # (T, T), shared by the blocks
         self.dk: torch.Tensor | None = None
         self.dv: torch.Tensor | None = None
 
@@ -150,9 +153,7 @@ class MemoryAttention(torch.autograd.Function):
         scale = k.shape[-1] ** -0.5
         if r.ds is None:  # zeros: a step whose backward never runs contributes nothing
             r.ds, r.dy = torch.zeros_like(r.p), torch.zeros_like(r.q)
-        p = r.p[:, :, t : t + 1]
-        dp = dy @ v.transpose(-1, -2)  # (B, H, 1, N)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        ds = _score_grad(r.p[:, :, t : t + 1], v, dy)
         r.ds[:, :, t : t + 1] = ds
         r.dy[:, :, t : t + 1] = dy
         dq = (ds @ k) * scale
@@ -163,12 +164,18 @@ class MemoryAttention(torch.autograd.Function):
         return dq, dk, dv, dy.new_zeros(()), None, None, None
 
 
+def _score_grad(p: torch.Tensor, v: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Gradient of the (pre-softmax) scores of one query: p (B, H, 1, N), v (B, H, N, dh),
+    dy (B, H, 1, dh) the gradient of the attention output -> (B, H, 1, N)."""
+    dp = dy @ v.transpose(-1, -2)
+    return p * (dp - (p * dp).sum(-1, keepdim=True))
+
+
 def _attend_backward(p, q, k, v, dy, dk, dv, live: slice) -> torch.Tensor:
     """Backward of `attend` for one query with weights p (B, H, 1, N): returns dq; adds
     into dk, dv at slots `live`."""
     scale = q.shape[-1] ** -0.5
-    dp = dy @ v.transpose(-1, -2)  # (B, H, 1, N)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    ds = _score_grad(p, v, dy)
     # Outer products as broadcast multiply-adds: a batched matmul with an inner size of 1 is slow on CPU.
     dk[:, :, live].addcmul_(ds[..., live].transpose(-1, -2), q, value=scale)
     dv[:, :, live].addcmul_(p[..., live].transpose(-1, -2), dy)
@@ -210,10 +217,10 @@ class StaticDecoder:
         self.reasoner, self.memory, self.max_steps = reasoner, memory, max_steps
         self.bias = memory_bias(memory)
         self.tables = reasoner.position_tables(max_steps, like.device)
-        self.kv = [StepKV(b, cfg.n_heads, max_steps, cfg.head_dim, like) for _ in range(cfg.n_layers)]
+        causal = causal_bias(max_steps, like)
+        self.kv = [StepKV(b, cfg.n_heads, cfg.head_dim, causal) for _ in range(cfg.n_layers)]
         self.states = like.new_zeros(cfg.n_layers + 1, b, 1, cfg.d_model)  # zero states feed back exactly 0
         self.pos = torch.zeros((), dtype=torch.long, device=like.device)
-        self.slots = torch.arange(max_steps, device=like.device)
 
     def reset(self) -> None:
         """Back to step 0 (the buffers' old contents are masked out or overwritten)."""
@@ -228,7 +235,7 @@ class StaticDecoder:
         if r.feedback is not None:
             x = x + r.feedback(self.states)
         cos, sin = self.tables.cos.index_select(0, pos), self.tables.sin.index_select(0, pos)
-        causal = torch.zeros(self.max_steps, dtype=x.dtype, device=x.device).masked_fill(self.slots > self.pos, float("-inf"))
+        causal = self.kv[0].causal.index_select(0, pos)  # (1, T_max): slots after this step masked
         layer_states = [x]
         for blk, kv, (mem_k, mem_v) in zip(r.blocks, self.kv, self.memory.kv):
             q, k, v = qkv_step(blk, x, cos, sin)
@@ -248,7 +255,8 @@ class _Unroll:
     def __init__(self, reasoner, memory: MemoryKV, batch: int, steps: int):
         cfg, like = reasoner.cfg, memory.kv[0][0]
         self.r, self.memory, self.bias = reasoner, memory, memory_bias(memory)
-        self.kv = [StepKV(batch, cfg.n_heads, steps, cfg.head_dim, like) for _ in range(cfg.n_layers)]
+        causal = causal_bias(steps, like)
+        self.kv = [StepKV(batch, cfg.n_heads, cfg.head_dim, causal) for _ in range(cfg.n_layers)]
         n = memory.mask.shape[-1]
         self.reads = [MemoryReads(batch, cfg.n_heads, steps, n, cfg.head_dim, like) for _ in range(cfg.n_layers)]
         self.order = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=torch.is_grad_enabled())
