@@ -136,7 +136,10 @@ def generate_main(argv: list[str]) -> list[str]:
         p.error(f"--device {args.device}: torch sees no CUDA device here")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    model = load_checkpoint(args.checkpoint).to(device)
+    try:
+        model = load_checkpoint(args.checkpoint).to(device)
+    except (FileNotFoundError, ValueError) as e:  # a wrong path, a foreign or damaged file, another backbone
+        p.error(str(e))
     n_latent = args.latent_steps if args.latent_steps is not None else model.formatter.default_latent
     kwargs = {"n_latent": n_latent, "max_new_tokens": args.max_new_tokens, "sampling": sampling}
     if args.stream:

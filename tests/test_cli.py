@@ -169,6 +169,15 @@ def test_generate_streams_the_answer_as_it_is_written(fitted_cli, capsys):
     assert [s.strip() for s in streamed] == answers  # steps=latent: the written text is the answer
 
 
+def test_generate_refuses_a_missing_or_foreign_checkpoint_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for path, message in ((tmp_path / "none.ckpt", "no checkpoint at"), (tmp_path / "notes.txt", "cannot read checkpoint")):
+        with pytest.raises(SystemExit) as exit_:
+            dispatch(["generate", "--checkpoint", str(path), "--question", "where is the ball?"])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [(["--device", "cuda"], "no CUDA device"),
                                             (["--top-p", "0"], "top_p must be in"),
                                             (["--batch-size", "0"], "must be positive")])

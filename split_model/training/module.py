@@ -44,8 +44,7 @@ class SplitModelModule(LightningModule):
             with a large vocabulary, and the model can only write what the task needs).
         execution: how the recurrence runs. auto: fixed-shape steps (preallocated caches
             written in place, no host syncs, a fused optimizer), captured as CUDA graphs on a
-            GPU; on CPU the eager fixed-shape path (torch.compile of the block steps measured
-            slower there). static: the
+            GPU; on CPU the eager fixed-shape path. static: the
             fixed-shape path, never captured. dynamic: the reference implementation (caches
             grown step by step, unfused optimizer), for comparison.
     """
