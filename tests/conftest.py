@@ -70,11 +70,12 @@ def tiny_reasoner_config(**kwargs):
 
 
 def tiny_module(memory, *, lr: float = 3e-3, warmup_steps: int = 2, bptt_steps: int | None = None,
-                execution: str = "auto", **reasoner):
+                execution: str = "auto", matmul_precision: str = "high", **reasoner):
     from split_model.training import SplitModelModule
 
     return SplitModelModule(memory=memory, reasoner=tiny_reasoner_config(**reasoner), lr=lr,
-                            warmup_steps=warmup_steps, bptt_steps=bptt_steps, execution=execution)
+                            warmup_steps=warmup_steps, bptt_steps=bptt_steps, execution=execution,
+                            matmul_precision=matmul_precision)
 
 
 def tiny_data(module, cache_dir: Path, *, steps: str = "latent", batch_size: int = 16, **task):

@@ -31,6 +31,18 @@ def test_graphed_step_replays_the_eager_fixed_shape_step(mode):
             torch.testing.assert_close(graphed.step(tokens[:, t], latent[:, t]).clone(), eager.step(tokens[:, t], latent[:, t]))
 
 
+@pytest.mark.parametrize("mode", ["none", "all"])
+def test_compiled_graphed_step_matches_the_eager_fixed_shape_step(mode):
+    model, states, mask, tokens, latent = on_cuda(mode)
+    with torch.no_grad():
+        compiled = model.decoder(model.encode_memory(states, mask), 8, "compiled")
+        assert isinstance(compiled, GraphedDecoder)
+        eager = model.decoder(model.encode_memory(states, mask), 8)
+        for t in range(6):
+            torch.testing.assert_close(compiled.step(tokens[:, t], latent[:, t]).clone(),
+                                       eager.step(tokens[:, t], latent[:, t]), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_generation_with_graphs_writes_what_the_eager_step_writes(mode):
     model, states, mask, *_ = on_cuda(mode)

@@ -44,8 +44,20 @@ def test_fixed_shape_training_step_equals_the_reference(tiny, tmp_path):
 
 
 def test_unknown_execution_is_refused(tiny):
-    with pytest.raises(ValueError, match=r"execution must be one of auto, static, dynamic; got 'fast'"):
+    with pytest.raises(ValueError, match=r"execution must be one of auto, compiled, static, dynamic; got 'fast'"):
         tiny.module(tiny.memory("llama"), execution="fast")
+
+
+def test_unknown_matmul_precision_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"matmul_precision must be one of highest, high, medium; got 'tf32'"):
+        tiny.module(tiny.memory("llama"), matmul_precision="tf32")
+
+
+def test_matmul_precision_is_left_alone_on_cpu(tiny, tmp_path):
+    module = tiny.module(tiny.memory("llama"), matmul_precision="medium")
+    before = torch.get_float32_matmul_precision()
+    tiny.trainer(tmp_path, max_steps=1).fit(module, tiny.data(module, tmp_path))
+    assert torch.get_float32_matmul_precision() == before == "highest"
 
 
 def padded_logits(model, rows, steps, slots):

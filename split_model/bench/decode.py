@@ -13,9 +13,11 @@ growing cache. `generate_ms_per_token` times the backbone's own `generate` end t
 All of it runs unchanged on CPU and CUDA: the device comes from the model, and CUDA-only
 calls (synchronize, CUDA-graph step marks) are chosen at run time.
 
-transformers 5.24 notes: forward takes `cache=` (`past_key_values=` is deprecated) and no
-`cache_position`; a StaticCache layer writes at its own `cumulative_length` tensor, which
-`crop(-n)` rewinds in place, so the static cache is rewound exactly like the dynamic one.
+transformers versions differ: 5.24 takes `cache=` (`past_key_values=` is deprecated), 5.17
+only `past_key_values=` (an unknown `cache=` is silently swallowed by **kwargs), so the name is
+read off the model's forward signature. In both, a StaticCache layer writes at its own
+`cumulative_length` tensor; rewinding it in place keeps the compiled graph's static addresses
+(5.17's StaticLayer has no `crop` of its own: the inherited one slices the buffers).
 """
 
 from __future__ import annotations
@@ -125,6 +127,14 @@ class DecodeStep:
         return logits
 
 
+def cache_kwarg(lm: "PreTrainedModel") -> str:
+    """The name under which `lm.forward` takes its KV cache: "cache" (transformers >= 5.2x) or
+    "past_key_values" (earlier)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def prepare_decode_step(
     lm: "PreTrainedModel", context_ids: torch.Tensor, *, mode: Mode, compile_mode: str | None = None,
@@ -153,14 +163,19 @@ def prepare_decode_step(
         cache = StaticCache(config=lm.config, max_cache_len=context_ids.shape[1] + 1)
     else:
         raise ValueError(f"mode must be 'eager' or 'compiled', got {mode!r}")
-    lm(input_ids=context_ids, cache=cache, use_cache=True)
+    kw = cache_kwarg(lm)
+    lm(input_ids=context_ids, use_cache=True, **{kw: cache})
 
     def forward() -> torch.Tensor:
         with torch.no_grad():  # also when a caller runs the step outside no_grad (no recompile either)
-            return lm(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+            return lm(input_ids=token, use_cache=True, **{kw: cache}).logits[:, -1]
 
     def rewind() -> None:
-        cache.crop(-1)  # static layers rewind their write position in place; dynamic ones slice
+        if mode == "eager":
+            cache.crop(-1)  # dynamic layers slice
+        else:
+            for layer in cache.layers:  # static layers: move the write position back, in place
+                layer.cumulative_length.sub_(1)
 
     if mode == "eager":
         return DecodeStep(forward, rewind, cache, device)

@@ -4,7 +4,8 @@ In one process (one CPU thread, or one GPU):
 - one step of the quickstart reasoner (KV cache of past steps, cross-attention over a
   512-token memory, logits over the full SmolLM2 vocabulary), on the reference path
   ("eager": `Reasoner.step`, caches grown by concatenation) and the fast one (fixed-shape
-  step; replayed as a CUDA graph on a GPU), at batch 1 and 32;
+  step; replayed as a CUDA graph on a GPU; on a GPU also "fast_compiled", the step compiled
+  by torch.compile inside the graph), at batch 1 and 32;
 - one decode step of the memory backbone with its KV cache at the same context: SmolLM2-135M
   and, on CUDA, a 1.7B-class Llama with random weights; eager, and on CUDA also compiled
   with a static cache (torch.compile, CUDA graphs);
@@ -59,21 +60,26 @@ def reasoner_steps(reasoner, memory, device: torch.device) -> dict[str, DecodeSt
     state = reasoner.start(memory)
     for latent in warm:
         _, state = reasoner.step(state, tok, latent)
-    eager = DecodeStep(lambda: reasoner.step(state, tok, no_latent)[0], lambda: None, None, device)
-    fast_dec = reasoner.decoder(memory, PAST_STEPS + 1, "graphs" if device.type == "cuda" else "static")
-    inner = getattr(fast_dec, "decoder", fast_dec)  # the StaticDecoder under a graph
-    for latent in warm:
-        fast_dec.step(tok, latent)
-    fast = DecodeStep(lambda: fast_dec.step(tok, no_latent), lambda: inner.pos.sub_(1), None, device)
-    return {"eager": eager, "fast": fast}
+    steps = {"eager": DecodeStep(lambda: reasoner.step(state, tok, no_latent)[0], lambda: None, None, device)}
+    kinds = {"fast": "graphs", "fast_compiled": "compiled"} if device.type == "cuda" else {"fast": "static"}
+    for path, kind in kinds.items():
+        dec = reasoner.decoder(memory, PAST_STEPS + 1, kind)
+        inner = getattr(dec, "decoder", dec)  # the StaticDecoder under a graph
+        for latent in warm:
+            dec.step(tok, latent)
+        steps[path] = DecodeStep(lambda dec=dec: dec.step(tok, no_latent), lambda inner=inner: inner.pos.sub_(1),
+                                 None, device)
+    return steps
 
 
-def split_generate_ms_per_token(wrapper, reasoner, ids, device: torch.device) -> float:
+def split_generate_ms_per_token(wrapper, reasoner, ids, device: torch.device, kind: str | None = None) -> float:
     """The split model's generation, end to end: the memory reads the context, the reasoner
-    writes NEW_TOKENS tokens (eos disabled); wall ms per new token."""
+    writes NEW_TOKENS tokens (eos disabled); wall ms per new token. `kind` is the decoder
+    (default: graphs on CUDA, static elsewhere); the timed call builds a fresh one, as a new
+    generate call does."""
     mask = torch.ones_like(ids)
     dtype = bench_dtype(device)
-    kind = "graphs" if device.type == "cuda" else "static"
+    kind = kind or ("graphs" if device.type == "cuda" else "static")
 
     def once():
         states = wrapper.encode(ids, mask, dtype=dtype)
@@ -162,7 +168,10 @@ def run(args) -> dict:
     log("generation per token: split model vs the backbone's own generate")
     gen = {"split_model": split_generate_ms_per_token(wrapper, reasoner, ids, device),
            "memory_generate": generate_ms_per_token(lm, ids, NEW_TOKENS)}
-    step_ms = {path: {f"b{b}": round(ms[f"reasoner/{path}/b{b}"], 4) for b in (1, 32)} for path in ("eager", "fast")}
+    if device.type == "cuda":
+        gen["split_model_compiled"] = split_generate_ms_per_token(wrapper, reasoner, ids, device, "compiled")
+    paths = ("eager", "fast", "fast_compiled") if device.type == "cuda" else ("eager", "fast")
+    step_ms = {path: {f"b{b}": round(ms[f"reasoner/{path}/b{b}"], 4) for b in (1, 32)} for path in paths}
     fast_b1 = ms["reasoner/fast/b1"]
     common = {
         "generate_ms_per_token": {k: round(v, 3) for k, v in gen.items()},
@@ -193,5 +202,7 @@ def run(args) -> dict:
         "reasoner_step_ms": step_ms,
         "decode_step_ms": decode,
         "decode_over_reasoner_step": {name: round(d.get("compiled", d["eager"]) / fast_b1, 2) for name, d in decode.items()},
+        "decode_over_compiled_reasoner_step": {name: round(d.get("compiled", d["eager"]) / ms["reasoner/fast_compiled/b1"], 2)
+                                               for name, d in decode.items()},
         **common,
     }

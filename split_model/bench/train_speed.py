@@ -5,8 +5,11 @@ and step counts, with memory states read by the configured backbone into a fresh
 (the memory's encoding throughput is measured on the way): optimizer steps/s and examples/s
 of a full training step (forward, backward, gradient clipping, optimizer step) for
 `execution: dynamic` (caches grown by concatenation, unfused AdamW) and `execution: auto`
-(fixed-shape steps, fused AdamW, CUDA graphs on a GPU). Lightning's loop adds the same
-constant to both and is left out. Timings alternate between the two paths.
+(fixed-shape steps, fused AdamW, CUDA graphs on a GPU). On CUDA a third path,
+`fast_bf16_mixed`, is the fast path under bf16 autocast (what `precision: bf16-mixed` does;
+graphs are not captured under autocast), so the configs' precision is a measured choice.
+Lightning's loop adds the same constant to all paths and is left out. Timings alternate
+between the paths.
 """
 
 from __future__ import annotations
@@ -24,7 +27,24 @@ from split_model.bench.decode import sync
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("quickstart", "prosqa")
-PATHS = {"eager": "dynamic", "fast": "auto"}
+PATHS = {"eager": "dynamic", "fast": "auto"}  # timed path -> execution
+BF16 = "fast_bf16_mixed"  # CUDA only: execution auto under bf16 autocast
+TF32 = "fast_tf32"  # CUDA only: execution auto with fp32 matmuls on tensor cores (TF32)
+
+
+def tf32(step):
+    """`step` with float32 matmuls in TF32 (torch.set_float32_matmul_precision("high")),
+    the setting restored after each call."""
+
+    def run():
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            step()
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    return run
 
 
 def load_config(name: str, batches: int):
@@ -76,8 +96,9 @@ def build(name: str, memory, device: torch.device, batches: int):
     return module.to(device), on_device, tokens, seconds, data_cfg, model_cfg
 
 
-def train_step(module, execution: str, batches: list[dict], clip: float | None):
-    """A function running one optimizer step on the next batch, as Lightning's loop does."""
+def train_step(module, execution: str, batches: list[dict], clip: float | None, autocast: torch.dtype | None = None):
+    """A function running one optimizer step on the next batch, as Lightning's loop does
+    (the forward under `autocast` when given, as with Lightning's mixed precision)."""
     module = copy.deepcopy(module)
     module.hparams.execution = execution
     opt = module.build_optimizer()
@@ -87,7 +108,9 @@ def train_step(module, execution: str, batches: list[dict], clip: float | None):
     def step():
         batch = batches[state["i"] % len(batches)]
         state["i"] += 1
-        loss = module._forward(batch)[0]
+        device = batch["tokens"].device
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = module._forward(batch)[0]
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -125,6 +148,9 @@ def run(args) -> dict:
         tokens, seconds = tokens + n_tok, seconds + n_s
         clip = 1.0  # both configs clip the global gradient norm at 1.0
         steps = {path: train_step(module, execution, loaded, clip) for path, execution in PATHS.items()}
+        if device.type == "cuda":
+            steps[BF16] = train_step(module, "auto", loaded, clip, autocast=torch.bfloat16)
+            steps[TF32] = tf32(train_step(module, "auto", loaded, clip))
         for fn in steps.values():  # warm-up: first calls allocate, and on CUDA capture graphs
             for _ in range(3):
                 fn()
@@ -132,19 +158,22 @@ def run(args) -> dict:
         bs = data_cfg["batch_size"]
         configs[name] = {
             **{path: {"steps_per_s": round(1e3 / ms[path], 2), "examples_per_s": round(bs * 1e3 / ms[path], 1),
-                      "step_ms": round(ms[path], 2)} for path in PATHS},
+                      "step_ms": round(ms[path], 2)} for path in steps},
             "fast_over_eager": round(ms["eager"] / ms["fast"], 2),
             "batch_size": bs, "sequence_steps": int(loaded[0]["tokens"].shape[1]),
             "memory_tokens_per_example": round(sum(int(b["mem_mask"].sum()) for b in loaded) / (bs * len(loaded)), 1),
             "reasoner": model_cfg["reasoner"],
         }
-        log(f"{name}: eager {ms['eager']:.1f} ms, fast {ms['fast']:.1f} ms per step")
+        log(f"{name}: " + ", ".join(f"{path} {v:.1f} ms" for path, v in ms.items()) + " per step")
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "configs": configs,
         "encode_tokens_per_s": round(tokens / seconds, 1),
         "paths": {"eager": "execution: dynamic (caches grown by concatenation, unfused AdamW)",
-                  "fast": "execution: auto (fixed-shape steps, fused AdamW, CUDA graphs on a GPU)"},
+                  "fast": "execution: auto (fixed-shape steps, fused AdamW, CUDA graphs on a GPU)",
+                  **({BF16: "execution: auto under bf16 autocast (precision: bf16-mixed; no graphs)",
+                      TF32: "execution: auto, float32 matmuls as TF32 (set_float32_matmul_precision('high'))"}
+                     if device.type == "cuda" else {})},
         "memory": args.memory,
         "threads": torch.get_num_threads(),
     }

@@ -27,24 +27,28 @@ def warn_once(key: str, message: str) -> None:
 class GraphedDecoder:
     """A StaticDecoder whose `step` replays one captured CUDA graph.
 
+    With `compile`, the step is first compiled by torch.compile (inductor fuses its small
+    elementwise kernels) and the compiled kernels are what the graph captures: fewer launches
+    per replay, for a compilation of some seconds per batch and memory shape.
     The logits it returns live in the graph's output buffer: read them before the next step.
     """
 
-    def __init__(self, decoder: StaticDecoder, warmup: int = 2):
+    def __init__(self, decoder: StaticDecoder, warmup: int = 2, compile: bool = False):
         b, device = decoder.states.shape[1], decoder.pos.device
         self.decoder = decoder
+        step = torch.compile(decoder.step, dynamic=False) if compile else decoder.step
         self.tokens = torch.zeros(b, dtype=torch.long, device=device)
         self.latent = torch.zeros(b, dtype=torch.bool, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
             for _ in range(warmup):
-                decoder.step(self.tokens, self.latent)
+                step(self.tokens, self.latent)
         torch.cuda.current_stream(device).wait_stream(side)
         decoder.reset()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decoder.step(self.tokens, self.latent)  # recorded, not run: still at step 0
+            self.logits = step(self.tokens, self.latent)  # recorded, not run: still at step 0
 
     def step(self, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -53,18 +57,20 @@ class GraphedDecoder:
         return self.logits
 
 
-def graphed_or_eager(decoder: StaticDecoder):
-    """The decoder behind a CUDA graph when it can be captured; else itself, with one warning
-    (after a failure, later calls do not try again)."""
-    if "decoder" in _warned:
-        return decoder
+def graphed_or_eager(decoder: StaticDecoder, compile: bool = False):
+    """The decoder behind a CUDA graph (of the torch.compile'd step with `compile`) when it can
+    be captured; else itself, with one warning (after a failure, later calls do not try again)."""
+    key = "compiled decoder" if compile else "decoder"
+    if key in _warned:
+        return graphed_or_eager(decoder) if compile else decoder
     try:
-        return GraphedDecoder(decoder)
-    except Exception as e:  # capture failures come as RuntimeError, CUDA or driver errors alike
-        warn_once("decoder", f"CUDA graph capture of the reasoner step failed ({e}); generating with the eager "
-                             "fixed-shape step instead (set model.execution: static to skip the attempt)")
+        return GraphedDecoder(decoder, compile=compile)
+    except Exception as e:  # capture and compile failures come as many types
+        what = "compilation and capture" if compile else "CUDA graph capture"
+        warn_once(key, f"{what} of the reasoner step failed ({type(e).__name__}: {e}); generating with the "
+                       f"{'graphed' if compile else 'eager fixed-shape'} step instead")
         decoder.reset()
-        return decoder
+        return graphed_or_eager(decoder) if compile else decoder
 
 
 class _Unrolled(torch.nn.Module):

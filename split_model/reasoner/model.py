@@ -213,25 +213,27 @@ class Reasoner(nn.Module):
         return self.logits(torch.cat(hiddens, dim=1))
 
     # -- generation ---------------------------------------------------------------------------
-    def decoder(self, memory: MemoryKV, max_steps: int, kind: Literal["graphs", "static", "dynamic"] = "static"):
+    def decoder(self, memory: MemoryKV, max_steps: int,
+                kind: Literal["compiled", "graphs", "static", "dynamic"] = "static"):
         """An object whose `step(tokens, latent)` -> logits runs one step of generation.
 
         static: fixed shapes, buffers for max_steps steps; graphs: the same captured as a CUDA
-        graph (CUDA only; falls back to static with a warning); dynamic: the reference `step`.
+        graph (CUDA only; falls back to static with a warning); compiled: the step compiled by
+        torch.compile, then captured (CUDA only; falls back to graphs); dynamic: the reference `step`.
         """
         if kind == "dynamic":
             return DynamicDecoder(self, memory)
         decoder = StaticDecoder(self, memory, max_steps)
-        if kind == "graphs" and memory.mask.is_cuda:
+        if kind in ("graphs", "compiled") and memory.mask.is_cuda:
             from split_model.reasoner.graphs import graphed_or_eager
 
-            return graphed_or_eager(decoder)
+            return graphed_or_eager(decoder, compile=kind == "compiled")
         return decoder
 
     @torch.no_grad()
     def generate(
         self, memory: MemoryKV, n_latent: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int, *,
-        sampling: Sampling | None = None, decoder: Literal["graphs", "static", "dynamic"] = "static",
+        sampling: Sampling | None = None, decoder: Literal["compiled", "graphs", "static", "dynamic"] = "static",
         on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None, check_every: int = 16,
     ) -> list[list[int]]:
         """Row b takes n_latent[b] latent steps, then bos, then writes until eos.

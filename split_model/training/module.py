@@ -44,9 +44,14 @@ class SplitModelModule(LightningModule):
             with a large vocabulary, and the model can only write what the task needs).
         execution: how the recurrence runs. auto: fixed-shape steps (preallocated caches
             written in place, no host syncs, a fused optimizer), captured as CUDA graphs on a
-            GPU; on CPU the eager fixed-shape path. static: the
-            fixed-shape path, never captured. dynamic: the reference implementation (caches
-            grown step by step, unfused optimizer), for comparison.
+            GPU; on CPU the eager fixed-shape path. compiled: as auto, and on a GPU the
+            generation step is compiled by torch.compile before capture (a faster step for
+            seconds of compilation per batch and memory shape: for long generations; see
+            README "Speed"). static: the fixed-shape path, never captured. dynamic: the
+            reference implementation (caches grown step by step, unfused optimizer), for comparison.
+        matmul_precision: float32 matmul precision set on a CUDA device at setup
+            (torch.set_float32_matmul_precision): "high" (TF32 tensor cores, measured faster
+            for training), "highest" (full fp32) or "medium". Ignored on CPU.
     """
 
     def __init__(
@@ -59,15 +64,18 @@ class SplitModelModule(LightningModule):
         warmup_steps: int = 100,
         max_new_tokens: int | None = None,
         output_vocab: Literal["full", "task"] = "full",
-        execution: Literal["auto", "static", "dynamic"] = "auto",
+        execution: Literal["auto", "compiled", "static", "dynamic"] = "auto",
+        matmul_precision: Literal["highest", "high", "medium"] = "high",
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
             raise ValueError(f"bptt_steps must be positive or None, got {bptt_steps}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        if execution not in ("auto", "static", "dynamic"):
-            raise ValueError(f"execution must be one of auto, static, dynamic; got {execution!r}")
+        if execution not in ("auto", "compiled", "static", "dynamic"):
+            raise ValueError(f"execution must be one of auto, compiled, static, dynamic; got {execution!r}")
+        if matmul_precision not in ("highest", "high", "medium"):
+            raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
         self.save_hyperparameters(ignore=["memory"])
         self.memory = memory = HFMemory(name=memory) if isinstance(memory, str) else memory
         self.reasoner = Reasoner(
@@ -91,6 +99,8 @@ class SplitModelModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         ignore_frozen_memory(self)  # before any DDP wrapping: the frozen backbone has no gradients to sync
+        if self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         data = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and self.hparams.output_vocab == "task" and data is not None:
             self.reasoner.set_output_vocab(data.target_token_ids())
@@ -145,7 +155,7 @@ class SplitModelModule(LightningModule):
         captured graph computed them inside)."""
         args = (batch["tokens"], batch["latent"])
         execution, bptt = self.hparams.execution, self.hparams.bptt_steps
-        if execution == "auto" and batch["tokens"].is_cuda and torch.is_grad_enabled():
+        if execution in ("auto", "compiled") and batch["tokens"].is_cuda and torch.is_grad_enabled():
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
             return self._graphed(*args, batch["mem_states"], batch["mem_mask"]), None
@@ -218,7 +228,7 @@ class SplitModelModule(LightningModule):
                  on_token=None) -> list[str]:
         """Generation after n_latent (B,) latent steps (greedy unless sampling), decoded to answers."""
         tok = self.memory.tokenizer
-        decoder = {"auto": "graphs", "static": "static", "dynamic": "dynamic"}[self.hparams.execution]
+        decoder = {"auto": "graphs", "compiled": "compiled", "static": "static", "dynamic": "dynamic"}[self.hparams.execution]
         ids = self.reasoner.generate(mem, n_latent, tok.bos_id, tok.eos_id, max_new_tokens, sampling=sampling,
                                      decoder=decoder, on_token=on_token)
         return [self.formatter.answer_from(x) for x in ids]
@@ -295,4 +305,5 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
     return module.eval()
 
 
-_HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution")
+_HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
+            "matmul_precision")
