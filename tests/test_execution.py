@@ -93,4 +93,28 @@ def test_graphed_training_without_cuda_falls_back_to_the_eager_path(monkeypatch)
     assert graphed.failed
     torch.testing.assert_close(got, model(tokens, latent, model.encode_memory(states, mask)))
     got.sum().backward()
-    assert model.latent.grad is not None
+    assert model.latent_input.grad is not None
+
+
+def test_weight_decay_reaches_projection_weights_only(tiny):
+    module = tiny.module(tiny.memory("llama"), feedback="all")
+    decayed = set(module.decayed_parameters())
+    assert decayed == {
+        "adapter.proj.weight", "feedback.proj.weight",
+        *(f"blocks.{i}.{w}.weight" for i in range(2) for w in ("attn.qkv", "attn.out", "xattn.q", "xattn.kv",
+                                                                  "xattn.out", "mlp.up", "mlp.down")),
+    }
+    opt = module.build_optimizer()
+    by_id = {id(p): n for n, p in module.reasoner.named_parameters()}
+    groups = {g["weight_decay"]: {by_id[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert groups[module.hparams.weight_decay] == decayed
+    assert {"feedback.gate.weight", "position.proj.weight", "adapter.position.proj.weight", "latent_input"} <= groups[0.0]
+
+
+def test_checkpoint_of_an_earlier_version_loads_its_latent_input(tiny):
+    module = tiny.module(tiny.memory("llama"))
+    sd = {k: v.clone() for k, v in module.state_dict().items()}
+    old = {("reasoner.latent" if k == "reasoner.latent_input" else k): v + 1 if k == "reasoner.latent_input" else v
+           for k, v in sd.items()}
+    module.load_state_dict(old)
+    torch.testing.assert_close(module.reasoner.latent_input.detach(), sd["reasoner.latent_input"] + 1)

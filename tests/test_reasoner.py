@@ -121,7 +121,7 @@ def _two_steps(model: Reasoner, states_at_0=None):
     tokens, latent = step_inputs()
     _, state = model.step(model.start(memory(model)), tokens[:, 0], latent[:, 0])
     if states_at_0 is not None:
-        state = replace(state, states=states_at_0(state.states))
+        state = replace(state, layer_states=states_at_0(state.layer_states))
     logits, _ = model.step(state, tokens[:, 1], latent[:, 1])
     return logits
 
@@ -188,7 +188,7 @@ def test_truncated_bptt_cuts_the_gradient_at_window_starts(mode, bptt_steps, lat
     logits = model(tokens, latent, mem, bptt_steps=bptt_steps)
     with torch.no_grad():  # truncation changes gradients, never values
         torch.testing.assert_close(logits, model(tokens, latent, mem))
-    (grad,) = torch.autograd.grad(F.cross_entropy(logits[:, -1], torch.arange(3)), model.latent, allow_unused=True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits[:, -1], torch.arange(3)), model.latent_input, allow_unused=True)
     got = grad is not None and bool(grad.abs().sum() > 0)
     assert got == reaches
 

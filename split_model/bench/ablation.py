@@ -115,6 +115,10 @@ def run(args) -> dict:
         "length": length,
         "chance": 0.2,
         "optimizer_steps": steps,
+        "bptt_steps": None,
+        "gradient_horizon": "the whole sequence in every mode (no truncation): with feedback by backprop through "
+                            "every step; with none through self-attention over every step",
+        "weight_decay": "projection weights only (not gates, positions, latent input, norms, mix, embedding)",
         "batch_size": batch,
         "memory": MEMORY,
         "trainable_params": {m: results[m]["trainable_params"] for m in ("none", "last", "all")},

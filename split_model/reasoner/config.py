@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Feedback = Literal["none", "last", "all"]
+FeedbackMode = Literal["none", "last", "all"]
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ReasonerConfig:
     n_layers: int = 4  # blocks per step
     n_heads: int = 4  # attention heads
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
-    feedback: Feedback = "all"  # what of step t reaches step t+1
+    feedback: FeedbackMode = "all"  # what of step t reaches step t+1
     embed_rank: int = 64  # factorised (V, r) x (r, d) embedding, tied with the output head
     rope_base: float = 10000.0  # rotary base for self-attention positions
 

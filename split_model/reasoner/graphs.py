@@ -34,7 +34,7 @@ class GraphedDecoder:
     """
 
     def __init__(self, decoder: StaticDecoder, warmup: int = 2, compile: bool = False):
-        b, device = decoder.states.shape[1], decoder.pos.device
+        b, device = decoder.layer_states.shape[1], decoder.pos.device
         self.decoder = decoder
         step = torch.compile(decoder.step, dynamic=False) if compile else decoder.step
         self.tokens = torch.zeros(b, dtype=torch.long, device=device)

@@ -189,12 +189,12 @@ class Feedback(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         nn.init.zeros_(self.gate.weight)
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """states: (L+1, B, T, d) of step(s) t -> (B, T, d) input for step(s) t+1."""
+    def forward(self, layer_states: torch.Tensor) -> torch.Tensor:
+        """layer_states: (L+1, B, T, d) of step(s) t -> (B, T, d) input for step(s) t+1."""
         if self.mix is not None:
-            h = torch.einsum("l,lbtd->btd", self.mix.softmax(0), states)
+            h = torch.einsum("l,lbtd->btd", self.mix.softmax(0), layer_states)
         else:
-            h = states[-1]
+            h = layer_states[-1]
         return self.gate(self.norm(self.proj(h)))
 
     def openness(self) -> torch.Tensor:

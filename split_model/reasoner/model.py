@@ -45,7 +45,7 @@ class ReasonerState:
 
     memory: MemoryKV  # cross-attention keys/values of the context
     caches: list[LayerCache] | None  # per block, self-attention K/V of past steps
-    states: torch.Tensor | None  # (L+1, B, 1, d): every layer's output at the last step
+    layer_states: torch.Tensor | None  # (L+1, B, 1, d): every layer's output at the last step
 
     @property
     def position(self) -> int:
@@ -54,8 +54,8 @@ class ReasonerState:
     def detach(self) -> "ReasonerState":
         """Cut the gradient path into the past (truncated backprop through time)."""
         caches = None if self.caches is None else [c.detach() for c in self.caches]
-        states = None if self.states is None else self.states.detach()
-        return replace(self, caches=caches, states=states)
+        layer_states = None if self.layer_states is None else self.layer_states.detach()
+        return replace(self, caches=caches, layer_states=layer_states)
 
 
 class MemoryAdapter(nn.Module):
@@ -88,7 +88,7 @@ class Reasoner(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = FactorisedEmbedding(vocab_size, cfg, embed_init)
-        self.latent = nn.Parameter(torch.randn(cfg.d_model) / cfg.d_model**0.5)  # input of a no-token step
+        self.latent_input = nn.Parameter(torch.randn(cfg.d_model) / cfg.d_model**0.5)  # input of a no-token step
         self.adapter = MemoryAdapter(memory_dim, num_states, cfg.d_model)
         self.position = AbsolutePosition(cfg.d_model)  # which step this is
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -144,15 +144,15 @@ class Reasoner(nn.Module):
         """
         start = 0 if caches is None else caches[0].length
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = torch.where(latent[..., None], self.latent, self.embed(tokens)) + self.position(pos)  # (B, T, d)
+        x = torch.where(latent[..., None], self.latent_input, self.embed(tokens)) + self.position(pos)  # (B, T, d)
         if feedback_in is not None:
             x = x + feedback_in
-        states, new_caches = [x], []
+        layer_states, new_caches = [x], []
         for i, blk in enumerate(self.blocks):
             x, cache = blk(x, None if caches is None else caches[i], memory.kv[i], memory.mask)
-            states.append(x)
+            layer_states.append(x)
             new_caches.append(cache)
-        return self.norm(x), torch.stack(states), new_caches
+        return self.norm(x), torch.stack(layer_states), new_caches
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., V), or (..., K) over output_ids when an output vocabulary is set."""
@@ -166,17 +166,17 @@ class Reasoner(nn.Module):
 
     # -- one step (generation) ---------------------------------------------------------------
     def start(self, memory: MemoryKV) -> ReasonerState:
-        return ReasonerState(memory=memory, caches=None, states=None)
+        return ReasonerState(memory=memory, caches=None, layer_states=None)
 
     def step(self, state: ReasonerState, tokens: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, ReasonerState]:
         """tokens, latent: (B,) -> logits (B, V) and the next state."""
-        hidden, states, caches = self._step_hidden(state, tokens[:, None], latent[:, None])
-        return self.logits(hidden[:, 0]), ReasonerState(memory=state.memory, caches=caches, states=states)
+        hidden, layer_states, caches = self._step_hidden(state, tokens[:, None], latent[:, None])
+        return self.logits(hidden[:, 0]), ReasonerState(memory=state.memory, caches=caches, layer_states=layer_states)
 
     def _step_hidden(self, state: ReasonerState, tokens, latent):
         fb = None
-        if self.feedback is not None and state.states is not None:
-            fb = self.feedback(state.states)  # (B, 1, d)
+        if self.feedback is not None and state.layer_states is not None:
+            fb = self.feedback(state.layer_states)  # (B, 1, d)
         return self.run(tokens, latent, state.memory, state.caches, fb)
 
     # -- a whole sequence (training) -----------------------------------------------------------
@@ -207,8 +207,8 @@ class Reasoner(nn.Module):
         for t in range(tokens.shape[1]):
             if bptt_steps and t and t % bptt_steps == 0:
                 state = state.detach()
-            hidden, states, caches = self._step_hidden(state, tokens[:, t : t + 1], latent[:, t : t + 1])
-            state = ReasonerState(memory=memory, caches=caches, states=states)
+            hidden, layer_states, caches = self._step_hidden(state, tokens[:, t : t + 1], latent[:, t : t + 1])
+            state = ReasonerState(memory=memory, caches=caches, layer_states=layer_states)
             hiddens.append(hidden)
         return self.logits(torch.cat(hiddens, dim=1))
 

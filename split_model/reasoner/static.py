@@ -219,21 +219,21 @@ class StaticDecoder:
         self.tables = reasoner.position_tables(max_steps, like.device)
         causal = causal_bias(max_steps, like)
         self.kv = [StepKV(b, cfg.n_heads, cfg.head_dim, causal) for _ in range(cfg.n_layers)]
-        self.states = like.new_zeros(cfg.n_layers + 1, b, 1, cfg.d_model)  # zero states feed back exactly 0
+        self.layer_states = like.new_zeros(cfg.n_layers + 1, b, 1, cfg.d_model)  # zero states feed back exactly 0
         self.pos = torch.zeros((), dtype=torch.long, device=like.device)
 
     def reset(self) -> None:
         """Back to step 0 (the buffers' old contents are masked out or overwritten)."""
         self.pos.zero_()
-        self.states.zero_()
+        self.layer_states.zero_()
 
     def step(self, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """tokens, latent: (B,) -> logits (B, V or K); advances the position by one."""
         r, pos = self.reasoner, self.pos.view(1)
         feats = self.tables.features.index_select(0, pos)  # (1, d)
-        x = (torch.where(latent[:, None], r.latent, r.embed(tokens)) + r.position.proj(feats))[:, None]  # (B, 1, d)
+        x = (torch.where(latent[:, None], r.latent_input, r.embed(tokens)) + r.position.proj(feats))[:, None]  # (B, 1, d)
         if r.feedback is not None:
-            x = x + r.feedback(self.states)
+            x = x + r.feedback(self.layer_states)
         cos, sin = self.tables.cos.index_select(0, pos), self.tables.sin.index_select(0, pos)
         causal = self.kv[0].causal.index_select(0, pos)  # (1, T_max): slots after this step masked
         layer_states = [x]
@@ -244,7 +244,7 @@ class StaticDecoder:
             x, q = memory_query(blk, x, attend(q, kv.k, kv.v, causal))
             x = block_finish(blk, x, attend(q, mem_k, mem_v, self.bias))
             layer_states.append(x)
-        self.states.copy_(torch.stack(layer_states))
+        self.layer_states.copy_(torch.stack(layer_states))
         self.pos.add_(1)
         return r.logits(rms_norm(r.norm, x[:, 0]))
 
@@ -285,18 +285,18 @@ def static_forward(reasoner, embedded: torch.Tensor, latent: torch.Tensor, memor
     r = reasoner
     b, steps = latent.shape
     tables = r.position_tables(steps, latent.device)
-    x_in = torch.where(latent[..., None], r.latent, embedded) + r.position.proj(tables.features[:steps])  # (B, T, d)
+    x_in = torch.where(latent[..., None], r.latent_input, embedded) + r.position.proj(tables.features[:steps])  # (B, T, d)
     unroll = _Unroll(r, memory, b, steps)
-    states, hiddens, floor = None, [], 0
+    fed_back, hiddens, floor = None, [], 0
     for t in range(steps):
         if bptt_steps and t and t % bptt_steps == 0:
             floor = t  # truncated backprop: nothing before step t gets gradient from here on
-            states = None if states is None else states.detach()
+            fed_back = None if fed_back is None else fed_back.detach()
         x = x_in[:, t : t + 1]
-        if states is not None:
-            x = x + r.feedback(states)
+        if fed_back is not None:
+            x = x + r.feedback(fed_back)
         layer_states = unroll.step(x, t, floor, tables.cos[t : t + 1], tables.sin[t : t + 1])
         if r.feedback is not None:
-            states = torch.stack(layer_states)  # (L+1, B, 1, d)
+            fed_back = torch.stack(layer_states)  # (L+1, B, 1, d)
         hiddens.append(layer_states[-1])
     return rms_norm(r.norm, torch.cat(hiddens, dim=1))

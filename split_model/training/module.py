@@ -113,6 +113,7 @@ class SplitModelModule(LightningModule):
         return sd
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = {_RENAMED.get(k, k): v for k, v in state_dict.items()}  # checkpoints of earlier versions
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith("memory.")]
         if strict and (missing or result.unexpected_keys):
@@ -121,14 +122,23 @@ class SplitModelModule(LightningModule):
         return result
 
     def build_optimizer(self) -> torch.optim.AdamW:
-        """AdamW over the reasoner only; no weight decay on norms, gates and embeddings."""
+        """AdamW over the reasoner only, weight decay on `decayed_parameters()` alone."""
+        decayed = set(self.decayed_parameters())
         decay, no_decay = [], []
         for name, p in self.reasoner.named_parameters():
-            (decay if p.ndim == 2 and "embed" not in name else no_decay).append(p)
+            (decay if name in decayed else no_decay).append(p)
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=(0.9, 0.95), fused=self._fused_optimizer(),
         )
+
+    def decayed_parameters(self) -> list[str]:
+        """Names of the reasoner parameters that take weight decay: the weight matrices of its
+        projections. Not decayed: gates (decay would pull the zero-initialised feedback gate and
+        the cross-attention gates back towards closed), position maps, the latent input,
+        norms, the feedback mix and the tied embedding."""
+        return [name for name, p in self.reasoner.named_parameters()
+                if p.ndim == 2 and not any(part in _NO_DECAY for part in name.split("."))]
 
     def configure_optimizers(self):
         opt = self.build_optimizer()
@@ -242,7 +252,7 @@ class SplitModelModule(LightningModule):
         if self.formatter is None:
             raise RuntimeError("no output format known: load the model with load_checkpoint()")
         states = self.memory.encode_texts(questions)
-        device = self.reasoner.latent.device
+        device = self.reasoner.latent_input.device
         mem = self.reasoner.encode_memory(states.states.to(device), states.mask.to(device))
         n = torch.full((len(questions),), n_latent, dtype=torch.long, device=device)
         return self._answers(mem, n, max_new_tokens, sampling, on_token)
@@ -305,5 +315,7 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
     return module.eval()
 
 
+_RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key -> new
+_NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
             "matmul_precision")
