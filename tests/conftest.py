@@ -78,11 +78,12 @@ def tiny_module(memory, *, lr: float = 3e-3, warmup_steps: int = 2, bptt_steps: 
                             matmul_precision=matmul_precision)
 
 
-def tiny_data(module, cache_dir: Path, *, steps: str = "latent", batch_size: int = 16, **task):
+def tiny_data(module, cache_dir: Path, *, steps: str = "latent", batch_size: int = 16, latent_steps: int = 0, **task):
     """A connected data module (the model has its formatter, the data its backbone)."""
     from split_model.training import TaskDataModule
 
-    dm = TaskDataModule(tiny_task(**task), steps=steps, batch_size=batch_size, cache_dir=str(cache_dir))
+    dm = TaskDataModule(tiny_task(**task), steps=steps, latent_steps=latent_steps, batch_size=batch_size,
+                        cache_dir=str(cache_dir))
     dm.connect(module)
     return dm
 

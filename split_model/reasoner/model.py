@@ -98,6 +98,7 @@ class Reasoner(nn.Module):
         # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
         self.register_buffer("output_ids", None, persistent=False)
         self._tables: PositionTables | None = None
+        self.input_grad_hook: Callable[[torch.Tensor], None] | None = None  # see probe_inputs
 
     def position_tables(self, n: int, device) -> PositionTables:
         """Rotary and step-position tables for at least n steps, built once per size class."""
@@ -119,6 +120,13 @@ class Reasoner(nn.Module):
                 raise ValueError(f"output vocabulary must be non-empty ids in 0..{self.embed.table.shape[0] - 1}")
             ids = ids.to(self.embed.table.device)
         self.output_ids = ids
+
+    def probe_inputs(self, x: torch.Tensor) -> None:
+        """Hand the gradient of the steps' inputs x (B, T, d) to `input_grad_hook` when one is
+        set: at position t it carries every loss term downstream of step t, through the
+        recurrence, so its size by t shows gradients growing or vanishing with depth."""
+        if self.input_grad_hook is not None and x.requires_grad:
+            x.register_hook(self.input_grad_hook)
 
     # -- memory ---------------------------------------------------------------------------
     def encode_memory(self, states: torch.Tensor, mask: torch.Tensor) -> MemoryKV:
@@ -145,6 +153,7 @@ class Reasoner(nn.Module):
         start = 0 if caches is None else caches[0].length
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = torch.where(latent[..., None], self.latent_input, self.embed(tokens)) + self.position(pos)  # (B, T, d)
+        self.probe_inputs(x)
         if feedback_in is not None:
             x = x + feedback_in
         layer_states, new_caches = [x], []
@@ -195,6 +204,42 @@ class Reasoner(nn.Module):
         inputs, head = rows[: tokens.numel()].view(*tokens.shape, -1), rows[tokens.numel() :]
         hidden = static_forward(self, inputs @ self.embed.up.T, latent, memory, bptt_steps)
         return (hidden @ self.embed.up) @ head.T  # (B, T, K)
+
+    def forward_off(self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV) -> torch.Tensor:
+        """Feedback switched off: one parallel teacher-forced pass over all positions, whatever
+        `feedback` is configured (its parameters get no gradient). While the feedback gate is
+        closed (as it starts) this is exactly `forward`."""
+        hidden, _, _ = self.run(tokens, latent, memory)
+        return self.logits(hidden)
+
+    def forward_jacobi(
+        self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, passes: int,
+        bptt_steps: int | None = None,
+    ) -> torch.Tensor:
+        """The recurrence solved by fixed-point (Jacobi) iteration: `passes` parallel passes over
+        all positions, where pass k feeds position t the layer states of position t-1 from
+        pass k-1 (pass 0 feeds nothing: it is `forward_off`). After k passes positions 0..k-1
+        are exact, so passes >= T computes exactly what `forward` computes, gradients included
+        (backprop runs through every pass). With `bptt_steps`, the feedback into positions
+        t = bptt_steps, 2*bptt_steps, ... is detached, as the sequential path detaches there;
+        self-attention inside a pass still carries gradients across those boundaries (the
+        sequential path detaches its KV cache too)."""
+        if passes < 1:
+            raise ValueError(f"jacobi needs at least one pass, got {passes}")
+        hidden, layer_states, _ = self.run(tokens, latent, memory)
+        if self.feedback is None:  # nothing is fed back: one pass is exact
+            return self.logits(hidden)
+        t = tokens.shape[1]
+        cut = None
+        if bptt_steps and t > bptt_steps:  # cut[t-1] is True where position t reads detached states
+            cut = (torch.arange(1, t + 1, device=tokens.device) % bptt_steps == 0)[:, None]
+        for _ in range(passes - 1):
+            prev = layer_states[:, :, :-1]  # (L+1, B, T-1, d): what positions 1..T-1 read
+            if cut is not None:
+                prev = torch.where(cut[: t - 1], prev.detach(), prev)
+            fed = torch.nn.functional.pad(self.feedback(prev), (0, 0, 1, 0))  # position 0 reads nothing
+            hidden, layer_states, _ = self.run(tokens, latent, memory, None, fed)
+        return self.logits(hidden)
 
     def forward_dynamic(
         self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, bptt_steps: int | None = None

@@ -286,6 +286,7 @@ def static_forward(reasoner, embedded: torch.Tensor, latent: torch.Tensor, memor
     b, steps = latent.shape
     tables = r.position_tables(steps, latent.device)
     x_in = torch.where(latent[..., None], r.latent_input, embedded) + r.position.proj(tables.features[:steps])  # (B, T, d)
+    r.probe_inputs(x_in)
     unroll = _Unroll(r, memory, b, steps)
     fed_back, hiddens, floor = None, [], 0
     for t in range(steps):

@@ -46,9 +46,15 @@ class TaskDataset(Dataset):
     """One split: examples, their sequences and their cached memory states."""
 
     def __init__(self, examples: list[Example], states: CachedStates, formatter: Formatter):
+        self.raw = examples
         self.examples = [formatter.canonical(e) for e in examples]
-        self.sequences = [formatter.encode(e) for e in examples]
         self.states = states
+        self.reformat(formatter)
+
+    def reformat(self, formatter: Formatter) -> None:
+        """Encode the examples' step sequences again (after the formatter changed, e.g. a
+        curriculum stage). Loader workers already started keep the old copy until the next epoch."""
+        self.sequences = [formatter.encode(e) for e in self.raw]
         self._steps = _step_tensors(self.sequences)
 
     def __len__(self) -> int:
@@ -193,9 +199,18 @@ class TaskDataModule(LightningDataModule):
             if split not in self.datasets:
                 states = self._split_states(split, build)
                 self.datasets[split] = TaskDataset(self.task.examples(split), states, self.formatter)
+        self._set_default_latent()
+
+    def _set_default_latent(self) -> None:
         if "train" in self.datasets:
             counts = Counter(s.n_latent for s in self.datasets["train"].sequences)
             self.formatter.default_latent = counts.most_common(1)[0][0]
+
+    def reformat(self) -> None:
+        """Re-encode every loaded split with the formatter as it is now (a curriculum changed it)."""
+        for data in self.datasets.values():
+            data.reformat(self.formatter)
+        self._set_default_latent()
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,

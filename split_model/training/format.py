@@ -7,6 +7,8 @@ where a latent position takes no token (a "continuous thought") and the target i
 - steps="latent": one latent step per reasoning step, each labelled with that step
   (steps must be single tokens, e.g. the state after each move), then the answer;
 - steps="none": the answer only (K = `latent_steps` unlabelled latent steps before it).
+With steps="text", `replaced_steps` = s replaces the first s written steps by
+s * `latent_per_step` unlabelled latent steps (Coconut's curriculum stage s; see Curriculum).
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ class Sequence:
 
 class Formatter:
     def __init__(self, tokenizer: TextTokenizer, steps: StepsMode = "text", latent_steps: int = 0,
-                 default_latent: int | None = None):
+                 default_latent: int | None = None, replaced_steps: int = 0, latent_per_step: int = 1):
         if steps not in ("text", "latent", "none"):
             raise ValueError(f"steps must be one of text, latent, none; got {steps!r}")
         if latent_steps < 0:
             raise ValueError(f"latent_steps must be >= 0, got {latent_steps}")
+        if replaced_steps < 0 or latent_per_step < 1:
+            raise ValueError(f"replaced_steps must be >= 0 and latent_per_step >= 1, got {replaced_steps}, {latent_per_step}")
+        if replaced_steps and steps != "text":
+            raise ValueError(f"replaced_steps replaces written steps: it needs steps='text', not {steps!r}")
         self.tok, self.steps, self.latent_steps = tokenizer, steps, latent_steps
+        self.replaced_steps, self.latent_per_step = replaced_steps, latent_per_step
         self.marker = tokenizer.encode(ANSWER_MARKER)
         # Latent steps for a raw question (generation), where the step count is unknown:
         # the most common count in the training data (set by the data module).
@@ -46,18 +53,26 @@ class Formatter:
 
     @property
     def spec(self) -> dict:
-        return {"steps": self.steps, "latent_steps": self.latent_steps, "default_latent": self.default_latent}
+        return {"steps": self.steps, "latent_steps": self.latent_steps, "default_latent": self.default_latent,
+                "replaced_steps": self.replaced_steps, "latent_per_step": self.latent_per_step}
 
     def n_latent(self, example: Example) -> int:
-        return self.latent_steps + (len(example.steps) if self.steps == "latent" else 0)
+        if self.steps == "latent":
+            return self.latent_steps + len(example.steps)
+        return self.latent_steps + self._replaced(example) * self.latent_per_step
+
+    def _replaced(self, example: Example) -> int:
+        return min(self.replaced_steps, len(example.steps)) if self.steps == "text" else 0
 
     def encode(self, ex: Example) -> Sequence:
         answer = self.tok.encode(ex.answer)
         if self.steps == "text":
-            written = self.tok.encode(" ".join(ex.steps)) + self.marker if ex.steps else self.marker
+            kept = ex.steps[self._replaced(ex):]
+            written = self.tok.encode(" ".join(kept)) + self.marker if kept else self.marker
         else:
             written = []
-        step_labels = [IGNORE] * self.latent_steps + (self._step_tokens(ex) if self.steps == "latent" else [])
+        unlabelled = self.latent_steps + self._replaced(ex) * self.latent_per_step
+        step_labels = [IGNORE] * unlabelled + (self._step_tokens(ex) if self.steps == "latent" else [])
         k = len(step_labels)
         target = written + answer + [self.tok.eos_id]
         return Sequence(

@@ -34,7 +34,21 @@ class SplitModelModule(LightningModule):
             smollm2-135m, a local HF directory, a .gguf file), or split_model.memory.HFMemory
             with init_args (name or an inline random config, layers, max_length).
         reasoner: the reasoner's shape and feedback mode.
-        bptt_steps: truncate backprop through time every this many steps (None: never).
+        bptt_steps: truncate backprop through time every this many steps (None: never). What
+            is cut, by training mode: sequential (with feedback) detaches the fed-back layer
+            states and the self-attention KV cache at every window start, so no gradient
+            crosses a window boundary; jacobi detaches the fed-back states there, but its
+            parallel passes still carry gradients across boundaries through self-attention;
+            off, and feedback none (one parallel pass), truncate nothing.
+        training_mode: how training runs the recurrence. sequential: the exact recurrence,
+            one step after another. jacobi: `jacobi_passes` parallel passes over all positions,
+            pass k feeding position t the layer states of t-1 from pass k-1 (exact once passes
+            >= steps; validation logs val/jacobi_gap, the relative distance of its logits to
+            the exact ones). off: feedback disabled, one parallel teacher-forced pass (the gate
+            stays closed, so switching to sequential later starts from the same function).
+            Evaluation and generation always run the exact recurrence. A `Curriculum` callback
+            can change the mode during training.
+        jacobi_passes: K, the number of parallel passes in jacobi mode.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay of matrices (not of norms, gates or embeddings).
         warmup_steps: linear warmup before cosine decay to 10% of lr.
@@ -66,6 +80,8 @@ class SplitModelModule(LightningModule):
         output_vocab: Literal["full", "task"] = "full",
         execution: Literal["auto", "compiled", "static", "dynamic"] = "auto",
         matmul_precision: Literal["highest", "high", "medium"] = "high",
+        training_mode: Literal["sequential", "jacobi", "off"] = "sequential",
+        jacobi_passes: int = 4,
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
@@ -74,6 +90,10 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if execution not in ("auto", "compiled", "static", "dynamic"):
             raise ValueError(f"execution must be one of auto, compiled, static, dynamic; got {execution!r}")
+        if training_mode not in TRAINING_MODES:
+            raise ValueError(f"training_mode must be one of {', '.join(TRAINING_MODES)}; got {training_mode!r}")
+        if jacobi_passes < 1:
+            raise ValueError(f"jacobi_passes must be at least 1, got {jacobi_passes}")
         if matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
         self.save_hyperparameters(ignore=["memory"])
@@ -86,6 +106,9 @@ class SplitModelModule(LightningModule):
         self.task: Task | None = None
         self._format_spec: dict | None = None
         self._graphed: GraphedTraining | None = None
+        # What training runs now: the configured mode, until a Curriculum changes it.
+        self.training_mode, self.jacobi_passes = training_mode, jacobi_passes
+        self.grad_probe: list[torch.Tensor] | None = None  # per-position input gradients (stability logging)
         rank_zero_info(self.describe())
 
     def describe(self) -> str:
@@ -165,6 +188,12 @@ class SplitModelModule(LightningModule):
         captured graph computed them inside)."""
         args = (batch["tokens"], batch["latent"])
         execution, bptt = self.hparams.execution, self.hparams.bptt_steps
+        mode = self.training_mode if self.training and torch.is_grad_enabled() else "sequential"
+        if mode != "sequential":
+            mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
+            if mode == "off":
+                return self.reasoner.forward_off(*args, mem), mem
+            return self.reasoner.forward_jacobi(*args, mem, self.jacobi_passes, bptt), mem
         if execution in ("auto", "compiled") and batch["tokens"].is_cuda and torch.is_grad_enabled():
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
@@ -194,7 +223,12 @@ class SplitModelModule(LightningModule):
         return torch.where(labels == IGNORE, labels, lookup[labels.clamp_min(0)])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        graphed = (self.training_mode == "sequential" and self.hparams.execution in ("auto", "compiled")
+                   and batch["tokens"].is_cuda)  # a captured graph runs no Python hooks
+        self.grad_probe = None if graphed else []
+        self.reasoner.input_grad_hook = None if graphed else self.grad_probe.append
         loss, acc, _ = self._forward(batch)
+        self.reasoner.input_grad_hook = None
         b = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
@@ -204,6 +238,17 @@ class SplitModelModule(LightningModule):
         self.log("train/xattn_gate", gates.mean(), batch_size=b)
         return loss
 
+    def on_after_backward(self) -> None:
+        """Gradient norm of the steps' inputs by window of positions (bptt_steps wide, else 4):
+        train/grad_norm_depth_W is the window starting at position W."""
+        if not self.grad_probe:
+            return
+        per_step = torch.stack(self.grad_probe).sum(0).pow(2).sum((0, 2))  # (T,) squared norms
+        self.grad_probe = None
+        width = self.hparams.bptt_steps or 4
+        for start in range(0, per_step.shape[0], width):
+            self.log(f"train/grad_norm_depth_{start}", per_step[start : start + width].sum().sqrt())
+
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().norm() for p in self.reasoner.parameters() if p.grad is not None]
         if grads:  # norm before clipping: Lightning clips after this hook
@@ -212,11 +257,20 @@ class SplitModelModule(LightningModule):
     def _eval_step(self, batch: dict, prefix: str) -> None:
         loss, acc, mem = self._forward(batch)  # no graphs in evaluation (no grad): mem is set
         b = batch["tokens"].shape[0]
+        if self.training_mode == "jacobi" and self.reasoner.feedback is not None:
+            self.log(f"{prefix}/jacobi_gap", self.jacobi_gap(batch, mem), batch_size=b, sync_dist=True)
         preds = self.predict_answers(batch, mem)
         score = sum(self.task.score(p, e) for p, e in zip(preds, batch["examples"])) / b
         self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
+
+    def jacobi_gap(self, batch: dict, mem) -> torch.Tensor:
+        """||jacobi logits - exact logits|| / ||exact logits|| over the scored positions."""
+        exact = self.reasoner(batch["tokens"], batch["latent"], mem)
+        approx = self.reasoner.forward_jacobi(batch["tokens"], batch["latent"], mem, self.jacobi_passes)
+        scored = (batch["labels"] != IGNORE)[..., None]
+        return ((approx - exact) * scored).norm() / (exact * scored).norm().clamp_min(1e-12)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -318,4 +372,5 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
 _RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key -> new
 _NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
-            "matmul_precision")
+            "matmul_precision", "training_mode", "jacobi_passes")
+TRAINING_MODES = ("sequential", "jacobi", "off")
