@@ -21,6 +21,8 @@ BENCHES: dict[str, str] = {
     "feedback-ablation": "split_model.bench.ablation:run",
     "quickstart": "split_model.bench.quickstart:run",
     "train-speed": "split_model.bench.train_speed:run",
+    "train-modes": "split_model.bench.train_modes:run",
+    "latent-steps": "split_model.bench.latent_steps:run",
 }
 
 
@@ -51,11 +53,13 @@ def bench_main(argv: list[str]) -> dict:
         ["speed: reasoner step vs SmolLM2 decode step, wrapper vs bare prefill",
          "feedback-ablation: none/last/all on the shell game at equal size and budget",
          "quickstart: time and accuracy of configs/quickstart.yaml",
-         "train-speed: training steps/s of the reference and the fast path, memory encoding tokens/s"]))
+         "train-speed: training steps/s of the reference and the fast path, memory encoding tokens/s",
+         "train-modes: sequential vs jacobi (K=2,4,8) vs off at 16 steps: examples/s, accuracy, jacobi gap",
+         "latent-steps: accuracy as test-time latent steps go 0..16, with and without sampled latent counts (PNG)"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where speed and train-speed run; a CUDA run writes NAME-cuda.json")
+                   help="where speed, train-speed and train-modes run; a CUDA run writes NAME-cuda.json")
     p.add_argument("--memory", default="minilm-l6",
                    help="train-speed's memory backbone: a packaged short name or a local Hugging Face directory")
     args = p.parse_args(argv)

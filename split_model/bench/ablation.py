@@ -40,7 +40,12 @@ class Progress(Callback):
 
 
 def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_train: int, n_valid: int, cache_dir: str,
-              lr: float = 2e-3) -> dict:
+              lr: float = 2e-3, n_items: int = 5, training_mode: str = "sequential", jacobi_passes: int = 4,
+              data_steps: str = "latent", latent_steps: int = 0, callbacks: tuple = (), accelerator: str = "cpu",
+              keep_model: bool = False) -> dict:
+    """Train one reasoner on the shell game with the frozen random BERT memory; its valid
+    accuracy (exact-match generation), wall time and examples/s of training (Lightning's
+    loop included), the validation metrics, and the model itself with keep_model."""
     from lightning.pytorch import Trainer, seed_everything
 
     from split_model.memory import HFMemory
@@ -51,22 +56,31 @@ def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_trai
     seed_everything(0, verbose=False)
     memory = HFMemory(config=MEMORY, seed=0)
     cfg = ReasonerConfig(d_model=128, n_layers=2, n_heads=4, feedback=feedback, embed_rank=32)
-    model = SplitModelModule(memory=memory, reasoner=cfg, lr=lr, warmup_steps=50)
-    task = StateTracking(n_items=5, length=length, n_train=n_train, n_valid=n_valid, n_test=16)
-    data = TaskDataModule(task, steps="latent", batch_size=batch_size, cache_dir=cache_dir)
+    model = SplitModelModule(memory=memory, reasoner=cfg, lr=lr, warmup_steps=50, training_mode=training_mode,
+                             jacobi_passes=jacobi_passes)
+    task = StateTracking(n_items=n_items, length=length, n_train=n_train, n_valid=n_valid, n_test=16)
+    data = TaskDataModule(task, steps=data_steps, latent_steps=latent_steps, batch_size=batch_size, cache_dir=cache_dir)
     data.connect(model)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    label = f"feedback={feedback}" if training_mode == "sequential" else f"{training_mode}({jacobi_passes})"
+    trainer = Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                       limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10,
-                      callbacks=[Progress(max(1, steps // 10), f"feedback={feedback}")])
+                      callbacks=[Progress(max(1, steps // 10), label), *callbacks])
     start = time.time()
     trainer.fit(model, datamodule=data)
     seconds = time.time() - start
-    evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    evaluator = Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
     metrics = evaluator.validate(model, datamodule=data, verbose=False)[0]
-    return {"accuracy": round(float(metrics["val/accuracy"]), 4), "train_seconds": round(seconds, 1),
-            "per_step_accuracy": per_step_accuracy(model, data, length),
-            "trainable_params": sum(p.numel() for p in model.reasoner.parameters())}
+    out = {"accuracy": round(float(metrics["val/accuracy"]), 4), "train_seconds": round(seconds, 1),
+           "examples_per_s": round(steps * batch_size / seconds, 1),
+           "metrics": {k: round(float(v), 5) for k, v in metrics.items()},
+           "trainable_params": sum(p.numel() for p in model.reasoner.parameters())}
+    if keep_model:
+        out["model"], out["data"] = model, data
+    else:
+        out["per_step_accuracy"] = per_step_accuracy(model, data, length) if data_steps == "latent" else None
+    return out
 
 
 @torch.no_grad()

@@ -1,0 +1,114 @@
+"""Latent steps at test time: does thinking longer than in training help or hurt?
+
+Two reasoners (`feedback: all`, 2 layers, d=128) learn the shell game answer-only (3 cups,
+3 swaps, no labelled steps: everything happens in unlabelled latent steps before the
+answer), read by the frozen random BERT of the feedback ablation, with the same seed, data
+and budget:
+- fixed: always TRAIN_LATENT latent steps;
+- sampled: a `Curriculum` draws the count per batch from SAMPLED (inclusive).
+Each is then evaluated (exact-match generation on the valid split) with 0..16 latent steps.
+Writes results/latent-steps.json and the plot results/latent-steps.png.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from split_model.bench import log
+from split_model.bench.ablation import train_one
+
+TRAIN_LATENT = 4
+SAMPLED = (1, 8)
+TEST_LATENT = range(0, 17)
+TASK = dict(n_items=3, length=3)
+
+
+def accuracy_by_latent(model, data, counts) -> dict[int, float]:
+    """Valid accuracy of `model` with each latent count (the valid split re-encoded each time)."""
+    from lightning.pytorch import Trainer
+
+    evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    out = {}
+    for k in counts:
+        model.formatter.latent_steps = k
+        data.reformat()
+        out[k] = round(float(evaluator.validate(model, datamodule=data, verbose=False)[0]["val/accuracy"]), 4)
+    return out
+
+
+def _worker(job: tuple) -> tuple[str, dict]:
+    from split_model.training import Curriculum
+
+    name, kwargs = job
+    torch.set_num_threads(1)
+    callbacks = (Curriculum([{"start_step": 0, "latent_steps": list(SAMPLED)}], seed=0),) if name == "sampled" else ()
+    r = train_one("all", data_steps="none", latent_steps=TRAIN_LATENT, callbacks=callbacks, keep_model=True, **kwargs)
+    r["by_latent"] = accuracy_by_latent(r.pop("model"), r.pop("data"), TEST_LATENT)
+    log(f"{name}: " + " ".join(f"{k}:{v:.2f}" for k, v in r["by_latent"].items()))
+    return name, r
+
+
+def plot(curves: dict[str, dict[int, float]], path: Path, chance: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("the latent-steps plot needs matplotlib: pip install 'split-model[bench]'") from e
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    labels = {"fixed": f"trained with {TRAIN_LATENT} latent steps",
+              "sampled": f"trained with {SAMPLED[0]}..{SAMPLED[1]} latent steps (sampled per batch)"}
+    for name, curve in curves.items():
+        ax.plot(list(curve), list(curve.values()), marker="o", ms=3, label=labels[name])
+    ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
+    ax.axvline(TRAIN_LATENT, color="C0", lw=0.6, ls="--")
+    ax.axvspan(*SAMPLED, color="C1", alpha=0.08)
+    ax.set(xlabel="latent steps at test time", ylabel="valid accuracy (exact match)", ylim=(0, 1.02),
+           title="Shell game, 3 swaps, answer only")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    import multiprocessing as mp
+
+    torch.set_num_threads(1)
+    steps, batch, n_train, n_valid = (20, 32, 256, 64) if args.quick else (2000, 64, 50000, 500)
+    with tempfile.TemporaryDirectory() as cache:
+        common = dict(steps=steps, batch_size=batch, n_train=n_train, n_valid=n_valid, cache_dir=cache, **TASK)
+        log(f"{steps} steps of batch {batch} per model; evaluating with {TEST_LATENT.start}..{TEST_LATENT.stop - 1} latent steps")
+        train_one("all", data_steps="none", latent_steps=TRAIN_LATENT, **{**common, "steps": 1})  # build the cache once
+        jobs = [("sampled", common), ("fixed", common)]
+        with mp.get_context("spawn").Pool(max(1, min(2, os.cpu_count() or 1))) as pool:
+            results = dict(pool.map(_worker, jobs, chunksize=1))
+    curves = {name: results[name]["by_latent"] for name in ("fixed", "sampled")}
+    chance = round(1 / TASK["n_items"], 4)
+    png = Path(args.out_dir) / ("latent-steps-quick.png" if args.quick else "latent-steps.png")
+    plot(curves, png, chance)
+    log(f"wrote {png}")
+
+    def beyond(name: str, trained_max: int) -> dict:
+        curve = curves[name]
+        at_max = curve[trained_max]
+        after = [curve[k] for k in TEST_LATENT if k > trained_max]
+        return {"at_training_max": at_max, "min_beyond": min(after), "mean_beyond": round(sum(after) / len(after), 4)}
+
+    return {
+        "accuracy_by_latent_steps": {name: {str(k): v for k, v in c.items()} for name, c in curves.items()},
+        "beyond_training": {"fixed": beyond("fixed", TRAIN_LATENT), "sampled": beyond("sampled", SAMPLED[1])},
+        "train_latent_steps": {"fixed": TRAIN_LATENT, "sampled": list(SAMPLED)},
+        "task": "state_tracking answer-only (3 cups, 3 swaps, unlabelled latent steps before the answer)",
+        "chance": chance,
+        "optimizer_steps": steps,
+        "batch_size": batch,
+        "train_seconds": {name: results[name]["train_seconds"] for name in curves},
+        "plot": str(png),
+    }
