@@ -42,7 +42,7 @@ class Progress(Callback):
 def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_train: int, n_valid: int, cache_dir: str,
               lr: float = 2e-3, n_items: int = 5, training_mode: str = "sequential", jacobi_passes: int = 4,
               data_steps: str = "latent", latent_steps: int = 0, callbacks: tuple = (), accelerator: str = "cpu",
-              keep_model: bool = False) -> dict:
+              keep_model: bool = False, halting: bool = False) -> dict:
     """Train one reasoner on the shell game with the frozen random BERT memory; its valid
     accuracy (exact-match generation), wall time and examples/s of training (Lightning's
     loop included), the validation metrics, and the model itself with keep_model."""
@@ -55,7 +55,7 @@ def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_trai
 
     seed_everything(0, verbose=False)
     memory = HFMemory(config=MEMORY, seed=0)
-    cfg = ReasonerConfig(d_model=128, n_layers=2, n_heads=4, feedback=feedback, embed_rank=32)
+    cfg = ReasonerConfig(d_model=128, n_layers=2, n_heads=4, feedback=feedback, embed_rank=32, halting=halting)
     model = SplitModelModule(memory=memory, reasoner=cfg, lr=lr, warmup_steps=50, training_mode=training_mode,
                              jacobi_passes=jacobi_passes)
     task = StateTracking(n_items=n_items, length=length, n_train=n_train, n_valid=n_valid, n_test=16)

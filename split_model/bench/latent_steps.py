@@ -5,8 +5,10 @@ Two reasoners (`feedback: all`, 2 layers, d=128) learn the shell game answer-onl
 answer), read by the frozen random BERT of the feedback ablation, with the same seed, data
 and budget:
 - fixed: always TRAIN_LATENT latent steps;
-- sampled: a `Curriculum` draws the count per batch from SAMPLED (inclusive).
-Each is then evaluated (exact-match generation on the valid split) with 0..16 latent steps.
+- sampled: a `Curriculum` draws the count per batch from SAMPLED (inclusive);
+- halting: as sampled, with a learned halting head (`reasoner.halting: true`).
+Each is then evaluated (exact-match generation on the valid split) with 0..16 latent steps
+(for halting: at most that many; the mean number it used is reported too).
 Writes results/latent-steps.json and the plot results/latent-steps.png.
 """
 
@@ -27,17 +29,21 @@ TEST_LATENT = range(0, 17)
 TASK = dict(n_items=3, length=3)
 
 
-def accuracy_by_latent(model, data, counts) -> dict[int, float]:
-    """Valid accuracy of `model` with each latent count (the valid split re-encoded each time)."""
+def accuracy_by_latent(model, data, counts) -> tuple[dict[int, float], dict[int, float]]:
+    """Valid accuracy of `model` with each latent count (the valid split re-encoded each time),
+    and with a halting head the mean latent steps it used at each maximum."""
     from lightning.pytorch import Trainer
 
     evaluator = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    out = {}
+    accuracy, used = {}, {}
     for k in counts:
         model.formatter.latent_steps = k
         data.reformat()
-        out[k] = round(float(evaluator.validate(model, datamodule=data, verbose=False)[0]["val/accuracy"]), 4)
-    return out
+        metrics = evaluator.validate(model, datamodule=data, verbose=False)[0]
+        accuracy[k] = round(float(metrics["val/accuracy"]), 4)
+        if "val/latent_steps_used" in metrics:
+            used[k] = round(float(metrics["val/latent_steps_used"]), 3)
+    return accuracy, used
 
 
 def _worker(job: tuple) -> tuple[str, dict]:
@@ -45,9 +51,10 @@ def _worker(job: tuple) -> tuple[str, dict]:
 
     name, kwargs = job
     torch.set_num_threads(1)
-    callbacks = (Curriculum([{"start_step": 0, "latent_steps": list(SAMPLED)}], seed=0),) if name == "sampled" else ()
-    r = train_one("all", data_steps="none", latent_steps=TRAIN_LATENT, callbacks=callbacks, keep_model=True, **kwargs)
-    r["by_latent"] = accuracy_by_latent(r.pop("model"), r.pop("data"), TEST_LATENT)
+    callbacks = (Curriculum([{"start_step": 0, "latent_steps": list(SAMPLED)}], seed=0),) if name != "fixed" else ()
+    r = train_one("all", data_steps="none", latent_steps=TRAIN_LATENT, callbacks=callbacks, keep_model=True,
+                  halting=name == "halting", **kwargs)
+    r["by_latent"], r["steps_used"] = accuracy_by_latent(r.pop("model"), r.pop("data"), TEST_LATENT)
     log(f"{name}: " + " ".join(f"{k}:{v:.2f}" for k, v in r["by_latent"].items()))
     return name, r
 
@@ -62,7 +69,8 @@ def plot(curves: dict[str, dict[int, float]], path: Path, chance: float) -> None
         raise SystemExit("the latent-steps plot needs matplotlib: pip install 'split-model[bench]'") from e
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     labels = {"fixed": f"trained with {TRAIN_LATENT} latent steps",
-              "sampled": f"trained with {SAMPLED[0]}..{SAMPLED[1]} latent steps (sampled per batch)"}
+              "sampled": f"trained with {SAMPLED[0]}..{SAMPLED[1]} latent steps (sampled per batch)",
+              "halting": "sampled, with a halting head (x: the maximum)"}
     for name, curve in curves.items():
         ax.plot(list(curve), list(curve.values()), marker="o", ms=3, label=labels[name])
     ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
@@ -86,10 +94,10 @@ def run(args) -> dict:
         common = dict(steps=steps, batch_size=batch, n_train=n_train, n_valid=n_valid, cache_dir=cache, **TASK)
         log(f"{steps} steps of batch {batch} per model; evaluating with {TEST_LATENT.start}..{TEST_LATENT.stop - 1} latent steps")
         train_one("all", data_steps="none", latent_steps=TRAIN_LATENT, **{**common, "steps": 1})  # build the cache once
-        jobs = [("sampled", common), ("fixed", common)]
+        jobs = [("halting", common), ("sampled", common), ("fixed", common)]
         with mp.get_context("spawn").Pool(max(1, min(2, os.cpu_count() or 1))) as pool:
             results = dict(pool.map(_worker, jobs, chunksize=1))
-    curves = {name: results[name]["by_latent"] for name in ("fixed", "sampled")}
+    curves = {name: results[name]["by_latent"] for name in ("fixed", "sampled", "halting")}
     chance = round(1 / TASK["n_items"], 4)
     png = Path(args.out_dir) / ("latent-steps-quick.png" if args.quick else "latent-steps.png")
     plot(curves, png, chance)
@@ -103,8 +111,10 @@ def run(args) -> dict:
 
     return {
         "accuracy_by_latent_steps": {name: {str(k): v for k, v in c.items()} for name, c in curves.items()},
-        "beyond_training": {"fixed": beyond("fixed", TRAIN_LATENT), "sampled": beyond("sampled", SAMPLED[1])},
-        "train_latent_steps": {"fixed": TRAIN_LATENT, "sampled": list(SAMPLED)},
+        "beyond_training": {"fixed": beyond("fixed", TRAIN_LATENT), "sampled": beyond("sampled", SAMPLED[1]),
+                            "halting": beyond("halting", SAMPLED[1])},
+        "halting_mean_latent_steps_used": {str(k): v for k, v in results["halting"]["steps_used"].items()},
+        "train_latent_steps": {"fixed": TRAIN_LATENT, "sampled": list(SAMPLED), "halting": list(SAMPLED)},
         "task": "state_tracking answer-only (3 cups, 3 swaps, unlabelled latent steps before the answer)",
         "chance": chance,
         "optimizer_steps": steps,

@@ -23,6 +23,11 @@ class ReasonerConfig:
         embed_rank: rank of the factorised token embedding shared by input and output; keeps
             a large backbone vocabulary cheap.
         rope_base: base of the rotary position embedding of self-attention.
+        halting: a learned halting head: generation stops a row's latent steps once the
+            head's halt probability passes `halt_threshold` (after at least one latent step,
+            never beyond the row's latent count, which becomes a maximum). The head starts at
+            "continue" (probability about 0.05), so a fresh model thinks for the full count.
+        halt_threshold: the halt probability at which a row stops thinking.
     """
 
     d_model: int = 256  # residual width
@@ -32,6 +37,8 @@ class ReasonerConfig:
     feedback: FeedbackMode = "all"  # what of step t reaches step t+1
     embed_rank: int = 64  # factorised (V, r) x (r, d) embedding, tied with the output head
     rope_base: float = 10000.0  # rotary base for self-attention positions
+    halting: bool = False  # learned halting of latent steps
+    halt_threshold: float = 0.5
 
     def __post_init__(self):
         if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.embed_rank <= 0:
@@ -45,6 +52,8 @@ class ReasonerConfig:
             raise ValueError(f"head width d_model/n_heads={self.d_model // self.n_heads} must be even for rotary")
         if self.feedback not in ("none", "last", "all"):
             raise ValueError(f"feedback must be one of none, last, all; got {self.feedback!r}")
+        if not 0.0 < self.halt_threshold < 1.0:
+            raise ValueError(f"halt_threshold must be strictly between 0 and 1, got {self.halt_threshold}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 

@@ -50,6 +50,10 @@ class GraphedDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = step(self.tokens, self.latent)  # recorded, not run: still at step 0
 
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.decoder.hidden  # the tensor the captured step wrote: the graph rewrites it
+
     def step(self, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.latent.copy_(latent)

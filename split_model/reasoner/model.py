@@ -39,6 +39,9 @@ from split_model.reasoner.sampling import Sampling
 from split_model.reasoner.static import PositionTables, StaticDecoder, static_forward
 
 
+HALT_INIT_BIAS = -3.0  # a fresh halting head says "continue" (p = 0.047)
+
+
 @dataclass
 class ReasonerState:
     """Everything step t+1 needs from the steps before it."""
@@ -95,6 +98,12 @@ class Reasoner(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         # Created last so that, for one seed, every other weight equals the `none` model's.
         self.feedback = Feedback(cfg) if cfg.feedback != "none" else None
+        self.halt = None
+        if cfg.halting:  # created after every other weight, for the same reason
+            self.halt = nn.Linear(cfg.d_model, 1)
+            nn.init.zeros_(self.halt.weight)
+            nn.init.constant_(self.halt.bias, HALT_INIT_BIAS)  # "continue": sigmoid(-3) = 0.047
+        self.last_latent_steps: torch.Tensor | None = None  # latent steps each row took in the last generate
         # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
         self.register_buffer("output_ids", None, persistent=False)
         self._tables: PositionTables | None = None
@@ -190,32 +199,44 @@ class Reasoner(nn.Module):
 
     # -- a whole sequence (training) -----------------------------------------------------------
     def forward(
-        self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, bptt_steps: int | None = None
-    ) -> torch.Tensor:
-        """tokens, latent: (B, T) -> logits (B, T, V), exact for every feedback mode (fixed shapes)."""
+        self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, bptt_steps: int | None = None,
+        return_hidden: bool = False,
+    ):
+        """tokens, latent: (B, T) -> logits (B, T, V), exact for every feedback mode (fixed shapes);
+        with return_hidden, (logits, the normed final hidden (B, T, d))."""
         if self.feedback is None:  # no recurrence besides attention: one parallel pass is exact
             hidden, _, _ = self.run(tokens, latent, memory)
-            return self.logits(hidden)
+            return self._out(hidden, return_hidden)
         if self.output_ids is None:
-            return self.logits(static_forward(self, self.embed(tokens), latent, memory, bptt_steps))
+            hidden = static_forward(self, self.embed(tokens), latent, memory, bptt_steps)
+            return self._out(hidden, return_hidden)
         # One gather for the input and output rows: each gather of the (V, r) table costs a
         # dense (V, r) gradient in backward, the largest tensor a small reasoner touches.
         rows = self.embed.table[torch.cat([tokens.flatten(), self.output_ids])]  # (B*T + K, r)
         inputs, head = rows[: tokens.numel()].view(*tokens.shape, -1), rows[tokens.numel() :]
         hidden = static_forward(self, inputs @ self.embed.up.T, latent, memory, bptt_steps)
-        return (hidden @ self.embed.up) @ head.T  # (B, T, K)
+        logits = (hidden @ self.embed.up) @ head.T  # (B, T, K)
+        return (logits, hidden) if return_hidden else logits
 
-    def forward_off(self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV) -> torch.Tensor:
+    def _out(self, hidden: torch.Tensor, return_hidden: bool):
+        logits = self.logits(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def halt_probability(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) normed final hidden -> (...) probability of stopping the latent steps here."""
+        return torch.sigmoid(self.halt(hidden).squeeze(-1))
+
+    def forward_off(self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, return_hidden: bool = False):
         """Feedback switched off: one parallel teacher-forced pass over all positions, whatever
         `feedback` is configured (its parameters get no gradient). While the feedback gate is
         closed (as it starts) this is exactly `forward`."""
         hidden, _, _ = self.run(tokens, latent, memory)
-        return self.logits(hidden)
+        return self._out(hidden, return_hidden)
 
     def forward_jacobi(
         self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, passes: int,
-        bptt_steps: int | None = None,
-    ) -> torch.Tensor:
+        bptt_steps: int | None = None, return_hidden: bool = False,
+    ):
         """The recurrence solved by fixed-point (Jacobi) iteration: `passes` parallel passes over
         all positions, where pass k feeds position t the layer states of position t-1 from
         pass k-1 (pass 0 feeds nothing: it is `forward_off`). After k passes positions 0..k-1
@@ -228,7 +249,7 @@ class Reasoner(nn.Module):
             raise ValueError(f"jacobi needs at least one pass, got {passes}")
         hidden, layer_states, _ = self.run(tokens, latent, memory)
         if self.feedback is None:  # nothing is fed back: one pass is exact
-            return self.logits(hidden)
+            return self._out(hidden, return_hidden)
         t = tokens.shape[1]
         cut = None
         if bptt_steps and t > bptt_steps:  # cut[t-1] is True where position t reads detached states
@@ -239,15 +260,16 @@ class Reasoner(nn.Module):
                 prev = torch.where(cut[: t - 1], prev.detach(), prev)
             fed = torch.nn.functional.pad(self.feedback(prev), (0, 0, 1, 0))  # position 0 reads nothing
             hidden, layer_states, _ = self.run(tokens, latent, memory, None, fed)
-        return self.logits(hidden)
+        return self._out(hidden, return_hidden)
 
     def forward_dynamic(
-        self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, bptt_steps: int | None = None
-    ) -> torch.Tensor:
+        self, tokens: torch.Tensor, latent: torch.Tensor, memory: MemoryKV, bptt_steps: int | None = None,
+        return_hidden: bool = False,
+    ):
         """What `forward` computes, one `step` at a time with a growing cache (the reference)."""
         if self.feedback is None:
             hidden, _, _ = self.run(tokens, latent, memory)
-            return self.logits(hidden)
+            return self._out(hidden, return_hidden)
         state, hiddens = self.start(memory), []
         for t in range(tokens.shape[1]):
             if bptt_steps and t and t % bptt_steps == 0:
@@ -255,7 +277,7 @@ class Reasoner(nn.Module):
             hidden, layer_states, caches = self._step_hidden(state, tokens[:, t : t + 1], latent[:, t : t + 1])
             state = ReasonerState(memory=memory, caches=caches, layer_states=layer_states)
             hiddens.append(hidden)
-        return self.logits(torch.cat(hiddens, dim=1))
+        return self._out(torch.cat(hiddens, dim=1), return_hidden)
 
     # -- generation ---------------------------------------------------------------------------
     def decoder(self, memory: MemoryKV, max_steps: int,
@@ -288,17 +310,25 @@ class Reasoner(nn.Module):
         every `check_every` steps, and the ids once at the end. on_token(ids (B,), writing (B,)
         bool) sees each step's ids as they come (streaming; that costs a read per step).
         Returns each row's generated ids (eos excluded). Greedy unless `sampling` says otherwise.
+        With a halting head, n_latent is each row's maximum: a row stops thinking after the first
+        latent step whose halt probability passes the threshold; `last_latent_steps` (B,) holds
+        the latent steps each row took.
         """
         b, device = n_latent.shape[0], n_latent.device
         steps = int(n_latent.max()) + max_new_tokens  # the one host read before the loop
         dec = self.decoder(memory, steps, decoder)
+        n_latent = n_latent.clone()  # halting shortens it in place
         choose = (sampling or Sampling()).chooser(device)
         record = torch.full((b, steps), eos_id, dtype=torch.long, device=device)  # (B, T) every step's id
         prev = torch.full((b,), bos_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for t in range(steps):
             tokens = torch.where(t <= n_latent, bos_id, prev)  # latent steps ignore it; step n_latent reads bos
-            prev = self.token_ids(choose(dec.step(tokens, t < n_latent)))
+            thinking = t < n_latent
+            prev = self.token_ids(choose(dec.step(tokens, thinking)))
+            if self.halt is not None:  # stop thinking after this step where the head says so
+                halt = thinking & (self.halt_probability(dec.hidden) > self.cfg.halt_threshold)
+                n_latent = torch.where(halt, t + 1, n_latent)
             record[:, t] = prev
             writing = (t >= n_latent) & ~done
             if on_token is not None:
@@ -306,6 +336,7 @@ class Reasoner(nn.Module):
             done |= writing & ((prev == eos_id) | (t - n_latent + 1 >= max_new_tokens))
             if (t + 1) % check_every == 0 and bool(done.all()):
                 break
+        self.last_latent_steps = n_latent
         return _answers(record.cpu(), n_latent.cpu(), eos_id, max_new_tokens)
 
 
@@ -325,5 +356,7 @@ class DynamicDecoder:
         self.reasoner, self.state = reasoner, reasoner.start(memory)
 
     def step(self, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        logits, self.state = self.reasoner.step(self.state, tokens, latent)
-        return logits
+        hidden, layer_states, caches = self.reasoner._step_hidden(self.state, tokens[:, None], latent[:, None])
+        self.state = ReasonerState(memory=self.state.memory, caches=caches, layer_states=layer_states)
+        self.hidden = hidden[:, 0]  # (B, d) normed final hidden, as StaticDecoder keeps it
+        return self.reasoner.logits(self.hidden)

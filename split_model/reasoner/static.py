@@ -246,7 +246,8 @@ class StaticDecoder:
             layer_states.append(x)
         self.layer_states.copy_(torch.stack(layer_states))
         self.pos.add_(1)
-        return r.logits(rms_norm(r.norm, x[:, 0]))
+        self.hidden = rms_norm(r.norm, x[:, 0])  # (B, d); under a graph, the captured buffer
+        return r.logits(self.hidden)
 
 
 class _Unroll:

@@ -49,6 +49,8 @@ class SplitModelModule(LightningModule):
             Evaluation and generation always run the exact recurrence. A `Curriculum` callback
             can change the mode during training.
         jacobi_passes: K, the number of parallel passes in jacobi mode.
+        halting_weight: weight of the halting loss (see `halting_loss`) when the reasoner has a
+            halting head (`reasoner.halting: true`).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay of matrices (not of norms, gates or embeddings).
         warmup_steps: linear warmup before cosine decay to 10% of lr.
@@ -82,6 +84,7 @@ class SplitModelModule(LightningModule):
         matmul_precision: Literal["highest", "high", "medium"] = "high",
         training_mode: Literal["sequential", "jacobi", "off"] = "sequential",
         jacobi_passes: int = 4,
+        halting_weight: float = 0.5,
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
@@ -94,6 +97,8 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"training_mode must be one of {', '.join(TRAINING_MODES)}; got {training_mode!r}")
         if jacobi_passes < 1:
             raise ValueError(f"jacobi_passes must be at least 1, got {jacobi_passes}")
+        if halting_weight < 0:
+            raise ValueError(f"halting_weight must be >= 0, got {halting_weight}")
         if matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
         self.save_hyperparameters(ignore=["memory"])
@@ -184,33 +189,59 @@ class SplitModelModule(LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
     def _logits(self, batch: dict):
-        """(B, T, V or K) logits of the batch's sequences, and the memory K/V (None when a
-        captured graph computed them inside)."""
+        """(B, T, V or K) logits of the batch's sequences, the memory K/V (None when a captured
+        graph computed them inside) and, with a halting head, the normed final hidden (B, T, d)."""
         args = (batch["tokens"], batch["latent"])
         execution, bptt = self.hparams.execution, self.hparams.bptt_steps
         mode = self.training_mode if self.training and torch.is_grad_enabled() else "sequential"
-        if mode != "sequential":
-            mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
-            if mode == "off":
-                return self.reasoner.forward_off(*args, mem), mem
-            return self.reasoner.forward_jacobi(*args, mem, self.jacobi_passes, bptt), mem
-        if execution in ("auto", "compiled") and batch["tokens"].is_cuda and torch.is_grad_enabled():
+        halting = self.reasoner.halt is not None
+        if mode == "sequential" and execution in ("auto", "compiled") and batch["tokens"].is_cuda \
+                and torch.is_grad_enabled() and not halting:  # graphs return logits only
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
-            return self._graphed(*args, batch["mem_states"], batch["mem_mask"]), None
+            return self._graphed(*args, batch["mem_states"], batch["mem_mask"]), None, None
         mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
-        forward = self.reasoner.forward_dynamic if execution == "dynamic" else self.reasoner
-        return forward(*args, mem, bptt), mem
+        if mode == "off":
+            out = self.reasoner.forward_off(*args, mem, return_hidden=halting)
+        elif mode == "jacobi":
+            out = self.reasoner.forward_jacobi(*args, mem, self.jacobi_passes, bptt, return_hidden=halting)
+        else:
+            forward = self.reasoner.forward_dynamic if execution == "dynamic" else self.reasoner
+            out = forward(*args, mem, bptt, return_hidden=halting)
+        return (out[0], mem, out[1]) if halting else (out, mem, None)
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, mem = self._logits(batch)
+        logits, mem, hidden = self._logits(batch)
         labels = self._label_index(batch["labels"])
         # The mean over scored labels, without asking the host whether there are any (a sync per
         # step on a GPU): with none, e.g. all outside the output vocabulary, the loss is 0, not nan.
         total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
         loss = total / (labels != IGNORE).sum().clamp_min(1)
+        if hidden is not None:
+            halt_loss = self.halting_loss(logits, hidden, batch)
+            self.log("train/halt_loss" if self.training else "val/halt_loss", halt_loss, batch_size=labels.shape[0])
+            loss = loss + self.hparams.halting_weight * halt_loss
         right = (self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]) | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
+
+    def halting_loss(self, logits: torch.Tensor, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What trains the halting head, over the unlabelled latent steps of each row:
+        - a probe: the output head at latent step t predicts the row's first target token (what
+          it will write after bos), so every latent step carries a readout of "the answer so far";
+        - the head: binary cross-entropy of its halt probability at step t against whether that
+          probe is already right there (detached).
+        Mean over those steps (0 where there are none)."""
+        labels = batch["labels"]
+        t = labels.shape[1]
+        first = labels.gather(1, batch["n_latent"].clamp(max=t - 1)[:, None])  # (B, 1) label at the bos step
+        target = self._label_index(first)  # index in the logits, or IGNORE
+        steps = batch["latent"] & (labels == IGNORE) & (target != IGNORE)  # (B, T) unlabelled latent steps
+        weight, n = steps.float(), steps.sum().clamp_min(1)
+        probe = F.cross_entropy(logits.flatten(0, 1), torch.where(steps, target, IGNORE).flatten(),
+                                ignore_index=IGNORE, reduction="sum") / n
+        right = (logits.detach().argmax(-1) == target).float()
+        halt = F.binary_cross_entropy_with_logits(self.reasoner.halt(hidden).squeeze(-1), right, reduction="none")
+        return probe + (halt * weight).sum() / n
 
     def _label_index(self, labels: torch.Tensor) -> torch.Tensor:
         """Token-id labels -> positions in the logits; ids outside the output vocabulary are
@@ -261,6 +292,9 @@ class SplitModelModule(LightningModule):
             self.log(f"{prefix}/jacobi_gap", self.jacobi_gap(batch, mem), batch_size=b, sync_dist=True)
         preds = self.predict_answers(batch, mem)
         score = sum(self.task.score(p, e) for p, e in zip(preds, batch["examples"])) / b
+        if self.reasoner.halt is not None:  # how long the rows thought before answering
+            self.log(f"{prefix}/latent_steps_used", self.reasoner.last_latent_steps.float().mean(), batch_size=b,
+                     sync_dist=True)
         self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
@@ -372,5 +406,5 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
 _RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key -> new
 _NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
-            "matmul_precision", "training_mode", "jacobi_passes")
+            "matmul_precision", "training_mode", "jacobi_passes", "halting_weight")
 TRAINING_MODES = ("sequential", "jacobi", "off")
