@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA half of the speed work, in one go on a GPU machine (about 6 minutes on an H200):
-# the graph-capture tests, then the speed and train-speed benches on CUDA. Each part has its
-# own time limit, so one that hangs or fails leaves the others' results; full logs go to $OUT.
+# The CUDA benches in one go on a GPU machine: the graph-capture tests, the speed and
+# train-speed benches (about 4 minutes on an H200), then train-modes (more than 5 minutes on
+# an H200: give it the rest of the call, or run it alone). Each part has its own time limit,
+# so one that hangs or fails leaves the others' results; full logs go to $OUT.
 #
 #   here:  bash scripts/setup.sh && ../shared/tools/gpu-bundle --minilm &&
 #          python3 -m pip download -q --no-deps -d .gpu/whl pytest pluggy iniconfig
@@ -18,6 +19,8 @@ timeout 250 python3 -m split_model.cli bench speed --device cuda --out-dir "$out
 echo "speed exit $?"; grep "^\[bench\]" "$out/speed.log" | tail -4
 timeout 130 python3 -m split_model.cli bench train-speed --device cuda --out-dir "$out" --memory "${MINILM:-minilm-l6}" > "$out/train.log" 2>&1
 echo "train-speed exit $?"; grep "^\[bench\]\|Error" "$out/train.log" | tail -6
+timeout "${TRAIN_MODES_S:-500}" python3 -m split_model.cli bench train-modes --device cuda --out-dir "$out" > "$out/modes.log" 2>&1
+echo "train-modes exit $?"; grep "^\[bench\]" "$out/modes.log" | grep -v " step [0-9]*:" | tail -8
 python3 - "$out" <<'PY'
 import json, sys
 from pathlib import Path

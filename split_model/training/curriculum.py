@@ -128,7 +128,7 @@ class Curriculum(Callback):
         if any(s.replaced_steps for s in self.stages) and fmt.steps != "text":
             raise ValueError(f"curriculum replaced_steps replaces written steps: set data.steps: text (it is {fmt.steps!r})")
         self._base_latent = fmt.latent_steps
-        self._configured = (pl_module.training_mode, pl_module.jacobi_passes)
+        self._configured = (pl_module.hparams.training_mode, pl_module.hparams.jacobi_passes)
         fmt.latent_per_step = self.latent_per_step
         self.current = -1
         self._apply(trainer, pl_module, self.stage_at(trainer.global_step))
