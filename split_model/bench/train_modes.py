@@ -41,7 +41,7 @@ def run(args) -> dict:
     if args.quick:
         steps, batch, n_train, n_valid = 20, 32, 256, 64
     else:
-        steps, batch, n_train, n_valid = (1500, 128, 50000, 500) if cuda else (1200, 64, 50000, 500)
+        steps, batch, n_train, n_valid = (1500, 128, 50000, 500) if cuda else (600, 64, 20000, 500)
     with tempfile.TemporaryDirectory() as cache:
         common = dict(length=LENGTH, steps=steps, batch_size=batch, n_train=n_train, n_valid=n_valid, cache_dir=cache,
                       n_items=3, accelerator="gpu" if cuda else "cpu")
