@@ -195,8 +195,7 @@ class SplitModelModule(LightningModule):
         execution, bptt = self.hparams.execution, self.hparams.bptt_steps
         mode = self.training_mode if self.training and torch.is_grad_enabled() else "sequential"
         halting = self.reasoner.halt is not None
-        if mode == "sequential" and execution in ("auto", "compiled") and batch["tokens"].is_cuda \
-                and torch.is_grad_enabled() and not halting:  # graphs return logits only
+        if self._uses_graphs(batch):
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
             return self._graphed(*args, batch["mem_states"], batch["mem_mask"]), None, None
@@ -209,6 +208,14 @@ class SplitModelModule(LightningModule):
             forward = self.reasoner.forward_dynamic if execution == "dynamic" else self.reasoner
             out = forward(*args, mem, bptt, return_hidden=halting)
         return (out[0], mem, out[1]) if halting else (out, mem, None)
+
+    def _uses_graphs(self, batch: dict) -> bool:
+        """Whether this batch's forward and backward run as captured CUDA graphs: training the
+        exact recurrence on a GPU with execution auto or compiled, without a halting head
+        (graphs return the logits only)."""
+        sequential = self.training_mode == "sequential" or not self.training
+        return (sequential and self.hparams.execution in ("auto", "compiled") and batch["tokens"].is_cuda
+                and torch.is_grad_enabled() and self.reasoner.halt is None)
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, mem, hidden = self._logits(batch)
@@ -254,8 +261,7 @@ class SplitModelModule(LightningModule):
         return torch.where(labels == IGNORE, labels, lookup[labels.clamp_min(0)])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        graphed = (self.training_mode == "sequential" and self.hparams.execution in ("auto", "compiled")
-                   and batch["tokens"].is_cuda)  # a captured graph runs no Python hooks
+        graphed = self._uses_graphs(batch)  # a captured graph runs no Python hooks
         self.grad_probe = None if graphed else []
         self.reasoner.input_grad_hook = None if graphed else self.grad_probe.append
         loss, acc, _ = self._forward(batch)
