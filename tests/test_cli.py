@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -202,3 +203,15 @@ def test_bench_lists_train_speed_and_refuses_cuda_without_a_gpu(capsys):
         dispatch(["bench", "train-speed", "--device", "cuda"])
     assert exit_.value.code == 2
     assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_config_parses(tiny, config, capsys, monkeypatch):
+    """Each committed config is valid for the CLI (types, class paths, callbacks such as the
+    curriculum's stages), checked without building anything."""
+    monkeypatch.chdir(tiny.repo)
+    monkeypatch.setattr(sys, "argv", ["split-model"])
+    with pytest.raises(SystemExit) as done:
+        dispatch(["fit", "--config", f"configs/{config}", "--print_config"])
+    assert done.value.code in (0, None)
+    assert "reasoner:" in capsys.readouterr().out
