@@ -223,3 +223,29 @@ def test_fused_functions_compute_what_the_modules_compute():
     tables = model.position_tables(8, "cpu")
     heads = x.view(3, 4, 4, 8).transpose(1, 2)  # (B, H, T, dh)
     torch.testing.assert_close(rotate(heads, tables.cos[2:6], tables.sin[2:6]), rotary(heads, 2, model.cfg.rope_base))
+
+
+def test_failed_compilation_falls_back_to_the_plain_graph_with_one_warning(monkeypatch):
+    """execution: compiled on a GPU where torch.compile fails: the step is captured uncompiled."""
+    import warnings
+
+    from split_model.reasoner import graphs
+
+    made = []
+
+    class Captured:  # stands in for a CUDA capture, which this CPU cannot do
+        def __init__(self, decoder, compile=False):
+            if compile:
+                raise RuntimeError("inductor: no C++ compiler")
+            made.append(decoder)
+
+    monkeypatch.setattr(graphs, "_warned", set())
+    monkeypatch.setattr(graphs, "GraphedDecoder", Captured)
+    model = make_reasoner("all")
+    dec = model.decoder(memory(model), 6)
+    with pytest.warns(RuntimeWarning, match="compilation and capture of the reasoner step failed.*no C\\+\\+ compiler"):
+        assert isinstance(graphed_or_eager(dec, compile=True), Captured)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, and no second compile attempt
+        assert isinstance(graphed_or_eager(dec, compile=True), Captured)
+    assert made == [dec, dec]
