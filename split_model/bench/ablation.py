@@ -103,24 +103,33 @@ def _worker(job: tuple) -> tuple[str, dict]:
     return mode, train_one(mode, **kwargs)
 
 
-def run(args) -> dict:
+def processes(at_most: int) -> int:
+    """How many training processes to run at once: at most `at_most`, and no more than the cores."""
+    return max(1, min(at_most, os.cpu_count() or 1))
+
+
+def in_processes(worker, jobs: list[tuple], at_most: int) -> dict:
+    """{name: result} of `worker(job)` -> (name, result) for every job, in spawned processes,
+    `processes(at_most)` at a time (each worker sets its own threads). One process per job
+    gives every job the same conditions; list the slowest jobs first."""
     import multiprocessing as mp
-    import os
+
+    with mp.get_context("spawn").Pool(processes(at_most)) as pool:
+        return dict(pool.map(worker, jobs, chunksize=1))
+
+
+def run(args) -> dict:
     import tempfile
 
     torch.set_num_threads(1)  # as in every worker
     length, steps, batch, n_train, n_valid = (4, 30, 32, 256, 64) if args.quick else (6, 2500, 128, 50000, 500)
-    # One process per mode, as many at once as there are cores, one thread each: the modes
-    # get the same conditions, and the run takes the time of the slowest pair.
-    workers = max(1, min(3, os.cpu_count() or 1))
+    workers = processes(3)
     with tempfile.TemporaryDirectory() as cache:
         common = dict(length=length, steps=steps, batch_size=batch, n_train=n_train, n_valid=n_valid, cache_dir=cache)
         log(f"{steps} steps of batch {batch} per mode, shell game of {length} swaps, {workers} processes")
         # Build the memory cache once, before the workers race for it.
         train_one("none", **{**common, "steps": 1})
-        jobs = [(mode, common) for mode in ("all", "last", "none")]  # slowest first
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = dict(pool.map(_worker, jobs, chunksize=1))
+        results = in_processes(_worker, [(mode, common) for mode in ("all", "last", "none")], 3)
     for mode in ("none", "last", "all"):
         log(f"feedback={mode}: accuracy {results[mode]['accuracy']}")
     return {

@@ -14,14 +14,13 @@ Writes results/latent-steps.json and the plot results/latent-steps.png.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
 from split_model.bench import log
-from split_model.bench.ablation import train_one
+from split_model.bench.ablation import in_processes, train_one
 
 TRAIN_LATENT = 4
 SAMPLED = (1, 8)
@@ -86,17 +85,13 @@ def plot(curves: dict[str, dict[int, float]], path: Path, chance: float) -> None
 
 
 def run(args) -> dict:
-    import multiprocessing as mp
-
     torch.set_num_threads(1)
     steps, batch, n_train, n_valid = (20, 32, 256, 64) if args.quick else (2000, 64, 5000, 500)
     with tempfile.TemporaryDirectory() as cache:
         common = dict(steps=steps, batch_size=batch, n_train=n_train, n_valid=n_valid, cache_dir=cache, **TASK)
         log(f"{steps} steps of batch {batch} per model; evaluating with {TEST_LATENT.start}..{TEST_LATENT.stop - 1} latent steps")
         train_one("all", data_steps="none", latent_steps=TRAIN_LATENT, **{**common, "steps": 1})  # build the cache once
-        jobs = [("halting", common), ("sampled", common), ("fixed", common)]
-        with mp.get_context("spawn").Pool(max(1, min(2, os.cpu_count() or 1))) as pool:
-            results = dict(pool.map(_worker, jobs, chunksize=1))
+        results = in_processes(_worker, [("halting", common), ("sampled", common), ("fixed", common)], 2)
     curves = {name: results[name]["by_latent"] for name in ("fixed", "sampled", "halting")}
     chance = round(1 / TASK["n_items"], 4)
     png = Path(args.out_dir) / ("latent-steps-quick.png" if args.quick else "latent-steps.png")

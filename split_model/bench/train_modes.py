@@ -13,13 +13,12 @@ thread each (as the feedback ablation does); on CUDA one after another.
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import torch
 
 from split_model.bench import log
-from split_model.bench.ablation import train_one
+from split_model.bench.ablation import in_processes, train_one
 
 MODES = {"sequential": ("sequential", 1), "jacobi_2": ("jacobi", 2), "jacobi_4": ("jacobi", 4),
          "jacobi_8": ("jacobi", 8), "off": ("off", 1)}
@@ -34,8 +33,6 @@ def _worker(job: tuple) -> tuple[str, dict]:
 
 
 def run(args) -> dict:
-    import multiprocessing as mp
-
     torch.set_num_threads(1)
     cuda = args.device == "cuda"
     if args.quick:
@@ -51,9 +48,7 @@ def run(args) -> dict:
         if cuda:
             results = dict(map(_worker, jobs))
         else:
-            workers = max(1, min(2, os.cpu_count() or 1))
-            with mp.get_context("spawn").Pool(workers) as pool:
-                results = dict(pool.map(_worker, jobs, chunksize=1))
+            results = in_processes(_worker, jobs, 2)
     modes = {}
     for name in MODES:
         r = results[name]
