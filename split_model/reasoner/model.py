@@ -188,8 +188,13 @@ class Reasoner(nn.Module):
 
     def step(self, state: ReasonerState, tokens: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, ReasonerState]:
         """tokens, latent: (B,) -> logits (B, V) and the next state."""
+        hidden, state = self._advance(state, tokens, latent)
+        return self.logits(hidden), state
+
+    def _advance(self, state: ReasonerState, tokens: torch.Tensor, latent: torch.Tensor):
+        """tokens, latent: (B,) -> the normed final hidden (B, d) of this step and the next state."""
         hidden, layer_states, caches = self._step_hidden(state, tokens[:, None], latent[:, None])
-        return self.logits(hidden[:, 0]), ReasonerState(memory=state.memory, caches=caches, layer_states=layer_states)
+        return hidden[:, 0], ReasonerState(memory=state.memory, caches=caches, layer_states=layer_states)
 
     def _step_hidden(self, state: ReasonerState, tokens, latent):
         fb = None
@@ -356,7 +361,5 @@ class DynamicDecoder:
         self.reasoner, self.state = reasoner, reasoner.start(memory)
 
     def step(self, tokens: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        hidden, layer_states, caches = self.reasoner._step_hidden(self.state, tokens[:, None], latent[:, None])
-        self.state = ReasonerState(memory=self.state.memory, caches=caches, layer_states=layer_states)
-        self.hidden = hidden[:, 0]  # (B, d) normed final hidden, as StaticDecoder keeps it
+        self.hidden, self.state = self.reasoner._advance(self.state, tokens, latent)  # as StaticDecoder keeps it
         return self.reasoner.logits(self.hidden)
