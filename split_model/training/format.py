@@ -57,8 +57,10 @@ class Formatter:
                 "replaced_steps": self.replaced_steps, "latent_per_step": self.latent_per_step}
 
     def n_latent(self, example: Example) -> int:
-        if self.steps == "latent":
-            return self.latent_steps + len(example.steps)
+        return self._unlabelled(example) + (len(example.steps) if self.steps == "latent" else 0)
+
+    def _unlabelled(self, example: Example) -> int:
+        """Latent steps with no label: the extra ones, and those replacing written steps."""
         return self.latent_steps + self._replaced(example) * self.latent_per_step
 
     def _replaced(self, example: Example) -> int:
@@ -71,8 +73,7 @@ class Formatter:
             written = self.tok.encode(" ".join(kept)) + self.marker if kept else self.marker
         else:
             written = []
-        unlabelled = self.latent_steps + self._replaced(ex) * self.latent_per_step
-        step_labels = [IGNORE] * unlabelled + (self._step_tokens(ex) if self.steps == "latent" else [])
+        step_labels = [IGNORE] * self._unlabelled(ex) + (self._step_tokens(ex) if self.steps == "latent" else [])
         k = len(step_labels)
         target = written + answer + [self.tok.eos_id]
         return Sequence(
