@@ -71,3 +71,28 @@ def test_graphed_training_matches_the_eager_path(mode, bptt_steps):
         torch.testing.assert_close(got, want)
         for name, g in want_grads.items():
             torch.testing.assert_close(got_grads[name], g, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode,passes", [("jacobi", 2), ("jacobi", 6), ("off", 1)])
+def test_graphed_training_in_parallel_modes_matches_their_eager_forward(mode, passes):
+    model, states, mask, tokens, latent = on_cuda("all")
+    targets = torch.arange(tokens.numel(), device=CUDA).view(tokens.shape) % 40
+
+    def grads(logits):
+        model.zero_grad()
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    mem = model.encode_memory(states, mask)
+    eager = model.forward_off(tokens, latent, mem) if mode == "off" else model.forward_jacobi(tokens, latent, mem, passes)
+    want, want_grads = grads(eager)
+    graphed = GraphedTraining(model, None)
+    for _ in range(2):  # capture, then replay
+        got, got_grads = grads(graphed(tokens, latent, states, mask, mode, passes))
+        assert not graphed.failed and len(graphed.graphs) == 1
+        torch.testing.assert_close(got, want)
+        assert got_grads.keys() == want_grads.keys()
+        for name, g in want_grads.items():
+            torch.testing.assert_close(got_grads[name], g, msg=lambda m: f"{name}: {m}")
+    graphed(tokens, latent, states, mask, "sequential")  # a curriculum's switch of mode: one more graph
+    assert len(graphed.graphs) == 2

@@ -80,6 +80,38 @@ def test_padding_to_a_graph_shape_leaves_real_rows_unchanged(mode):
     assert torch.isfinite(got).all()  # padded rows too: nan there would poison the gradients
 
 
+@pytest.mark.parametrize("passes", [1, 3])
+def test_padding_to_a_graph_shape_leaves_real_rows_unchanged_in_jacobi_mode(passes):
+    model = make_reasoner("all")
+    states, mask = memory_inputs()
+    tokens, latent = step_inputs(t=6)
+    with torch.no_grad():
+        want = model.forward_jacobi(tokens, latent, model.encode_memory(states, mask), passes)
+        tok, lat, st, mk = pad_batch_shape(tokens, latent, states, mask, 5, 8, 64)
+        got = model.forward_jacobi(tok, lat, model.encode_memory(st, mk), passes)
+    torch.testing.assert_close(got[:3, :6], want)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("mode,passes", [("jacobi", 2), ("off", 1)])
+def test_graphed_training_falls_back_to_the_eager_forward_of_its_mode(monkeypatch, mode, passes):
+    from split_model.reasoner import graphs
+
+    monkeypatch.setattr(graphs, "_warned", set())
+    model = make_reasoner("all")
+    with torch.no_grad():  # an open gate, so that the modes differ
+        model.feedback.gate.weight.copy_(torch.eye(model.cfg.d_model))
+    states, mask = memory_inputs()
+    tokens, latent = step_inputs(t=6)
+    graphed = GraphedTraining(model, bptt_steps=None)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture"):
+        got = graphed(tokens, latent, states, mask, mode, passes)
+    mem = model.encode_memory(states, mask)
+    want = model.forward_off(tokens, latent, mem) if mode == "off" else model.forward_jacobi(tokens, latent, mem, passes)
+    torch.testing.assert_close(got, want)
+    assert (got - model(tokens, latent, mem)).abs().max() > 1e-4  # not what the exact recurrence computes
+
+
 def test_graphed_training_without_cuda_falls_back_to_the_eager_path(monkeypatch):
     from split_model.reasoner import graphs
 

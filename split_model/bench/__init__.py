@@ -62,7 +62,11 @@ def bench_main(argv: list[str]) -> dict:
                    help="where speed, train-speed and train-modes run; a CUDA run writes NAME-cuda.json")
     p.add_argument("--memory", default="minilm-l6",
                    help="train-speed's memory backbone: a packaged short name or a local Hugging Face directory")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train-modes: optimizer steps per trained model, instead of the bench's default")
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     if args.device == "cuda":
         import torch
 

@@ -39,13 +39,35 @@ class Progress(Callback):
                 f"teacher-forced answer acc {float(m['train/answer_acc']):.2f}")
 
 
+class Throughput(Callback):
+    """Steady-state training throughput: wall time from the start of step `skip` (after
+    warm-up, graph capture and the first data loads) to the end of the last step."""
+
+    def __init__(self, skip: int):
+        self.skip, self.start, self.steps, self.seconds = skip, None, 0, None
+
+    def _now(self, pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.skip:
+            self.start = self._now(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.start is not None:
+            self.steps, self.seconds = trainer.global_step - self.skip, self._now(pl_module) - self.start
+
+
 def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_train: int, n_valid: int, cache_dir: str,
               lr: float = 2e-3, n_items: int = 5, training_mode: str = "sequential", jacobi_passes: int = 4,
               data_steps: str = "latent", latent_steps: int = 0, callbacks: tuple = (), accelerator: str = "cpu",
               keep_model: bool = False, halting: bool = False) -> dict:
     """Train one reasoner on the shell game with the frozen random BERT memory; its valid
     accuracy (exact-match generation), wall time and examples/s of training (Lightning's
-    loop included), the validation metrics, and the model itself with keep_model."""
+    loop included; steady state after the first 10% of steps, at most 20), the validation
+    metrics, and the model itself with keep_model."""
     from lightning.pytorch import Trainer, seed_everything
 
     from split_model.memory import HFMemory
@@ -65,7 +87,8 @@ def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_trai
     trainer = Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                       limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10,
-                      callbacks=[Progress(max(1, steps // 10), label), *callbacks])
+                      callbacks=[Progress(max(1, steps // 10), label), throughput := Throughput(min(20, steps // 10)),
+                                 *callbacks])
     start = time.time()
     trainer.fit(model, datamodule=data)
     seconds = time.time() - start
@@ -73,7 +96,8 @@ def train_one(feedback: str, *, length: int, steps: int, batch_size: int, n_trai
                         enable_model_summary=False)
     metrics = evaluator.validate(model, datamodule=data, verbose=False)[0]
     out = {"accuracy": round(float(metrics["val/accuracy"]), 4), "train_seconds": round(seconds, 1),
-           "examples_per_s": round(steps * batch_size / seconds, 1),
+           "examples_per_s": round(throughput.steps * batch_size / throughput.seconds, 1) if throughput.steps
+                             else round(steps * batch_size / seconds, 1),
            "metrics": {k: round(float(v), 5) for k, v in metrics.items()},
            "trainable_params": sum(p.numel() for p in model.reasoner.parameters())}
     if keep_model:

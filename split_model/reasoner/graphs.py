@@ -78,14 +78,20 @@ def graphed_or_eager(decoder: StaticDecoder, compile: bool = False):
 
 
 class _Unrolled(torch.nn.Module):
-    """The whole training forward as one module of tensors in, logits out (what capture needs)."""
+    """The whole training forward as one module of tensors in, logits out (what capture needs),
+    in one training mode: sequential (the exact recurrence), jacobi (`passes` parallel passes)
+    or off (one parallel pass without feedback)."""
 
-    def __init__(self, reasoner, bptt_steps: int | None):
+    def __init__(self, reasoner, bptt_steps: int | None, mode: str = "sequential", passes: int = 1):
         super().__init__()
-        self.reasoner, self.bptt_steps = reasoner, bptt_steps
+        self.reasoner, self.bptt_steps, self.mode, self.passes = reasoner, bptt_steps, mode, passes
 
     def forward(self, tokens, latent, mem_states, mem_mask):
         memory = self.reasoner.encode_memory(mem_states, mem_mask)
+        if self.mode == "off":
+            return self.reasoner.forward_off(tokens, latent, memory)
+        if self.mode == "jacobi":
+            return self.reasoner.forward_jacobi(tokens, latent, memory, self.passes, self.bptt_steps)
         return self.reasoner(tokens, latent, memory, self.bptt_steps)
 
 
@@ -112,50 +118,53 @@ def bucket(n: int, multiple: int) -> int:
 
 
 class GraphedTraining:
-    """Forward and backward of the unrolled recurrence captured as CUDA graphs.
+    """Forward and backward of the training recurrence captured as CUDA graphs.
 
     One graph pair per padded batch shape (steps rounded up to 8, memory slots to 64, rows
-    to the largest batch seen), so a training run captures a handful of graphs and then only
-    replays. Logits of the padded parts are cut off before the loss, so they get no gradient.
-    If capture fails, training continues on the eager fixed-shape path after one warning.
+    to the largest batch seen) and training mode (sequential, jacobi with its number of
+    passes, off: a curriculum that switches modes captures each once), so a training run
+    captures a handful of graphs and then only replays. Padded steps come after the real ones,
+    which no mode lets them influence; logits of the padded parts are cut off before the loss,
+    so they get no gradient. If capture fails, training continues on the eager path after one
+    warning.
     """
 
     def __init__(self, reasoner, bptt_steps: int | None, max_graphs: int = 16):
         self.reasoner, self.bptt_steps = reasoner, bptt_steps
-        self.module = _Unrolled(reasoner, bptt_steps)  # the eager path
         self.graphs: dict[tuple, torch.nn.Module] = {}
         self.max_graphs, self.rows, self.failed = max_graphs, 0, False
         self.keep_alive: list = []
 
-    def __call__(self, tokens, latent, mem_states, mem_mask) -> torch.Tensor:
-        if self.failed or torch.is_autocast_enabled("cuda"):
-            return self.module(tokens, latent, mem_states, mem_mask)
+    def __call__(self, tokens, latent, mem_states, mem_mask, mode: str = "sequential", passes: int = 1) -> torch.Tensor:
+        passes = passes if mode == "jacobi" else 1
+        if self.failed or torch.is_autocast_enabled("cuda"):  # the eager path
+            return _Unrolled(self.reasoner, self.bptt_steps, mode, passes)(tokens, latent, mem_states, mem_mask)
         b, t = tokens.shape
         self.rows = max(self.rows, b)
         padded = pad_batch_shape(tokens, latent, mem_states, mem_mask, self.rows, bucket(t, 8),
                                  bucket(mem_states.shape[1], 64))
         ids = self.reasoner.output_ids  # a graph reads the tensors it was captured with: a new one needs a new graph
-        key = (tuple((x.shape, x.dtype) for x in padded), None if ids is None else ids.data_ptr())
+        key = (tuple((x.shape, x.dtype) for x in padded), None if ids is None else ids.data_ptr(), mode, passes)
         graphed = self.graphs.get(key)
         if graphed is None:
-            graphed = self._capture(padded, key)
+            graphed = self._capture(padded, key, mode, passes)
             if graphed is None:
-                return self.module(tokens, latent, mem_states, mem_mask)
+                return _Unrolled(self.reasoner, self.bptt_steps, mode, passes)(tokens, latent, mem_states, mem_mask)
         return graphed(*padded)[:b, :t]
 
-    def _capture(self, padded: tuple, key: tuple):
+    def _capture(self, padded: tuple, key: tuple, mode: str, passes: int):
         if len(self.graphs) >= self.max_graphs:
             self.graphs.pop(next(iter(self.graphs)))
         # Built outside the graph's memory pool, and kept alive with it: the graph reads them.
         self.keep_alive.append((self.reasoner.position_tables(padded[0].shape[1], padded[0].device),
                                 self.reasoner.output_ids))
         try:  # a module of its own per shape: capture replaces the module's forward
-            graphed = torch.cuda.make_graphed_callables(_Unrolled(self.reasoner, self.bptt_steps), padded,
+            graphed = torch.cuda.make_graphed_callables(_Unrolled(self.reasoner, self.bptt_steps, mode, passes), padded,
                                                         allow_unused_input=True)
         except Exception as e:
             self.failed = True
             warn_once("training", f"CUDA graph capture of the training recurrence failed ({e}); training on "
-                                  "the eager fixed-shape path instead (model.execution: static skips the attempt)")
+                                  "the eager path instead (model.execution: static skips the attempt)")
             return None
         self.graphs[key] = graphed
         return graphed

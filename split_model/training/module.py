@@ -198,7 +198,7 @@ class SplitModelModule(LightningModule):
         if self._uses_graphs(batch):
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
-            return self._graphed(*args, batch["mem_states"], batch["mem_mask"]), None, None
+            return self._graphed(*args, batch["mem_states"], batch["mem_mask"], mode, self.jacobi_passes), None, None
         mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
         if mode == "off":
             out = self.reasoner.forward_off(*args, mem, return_hidden=halting)
@@ -210,11 +210,10 @@ class SplitModelModule(LightningModule):
         return (out[0], mem, out[1]) if halting else (out, mem, None)
 
     def _uses_graphs(self, batch: dict) -> bool:
-        """Whether this batch's forward and backward run as captured CUDA graphs: training the
-        exact recurrence on a GPU with execution auto or compiled, without a halting head
-        (graphs return the logits only)."""
-        sequential = self.training_mode == "sequential" or not self.training
-        return (sequential and self.hparams.execution in ("auto", "compiled") and batch["tokens"].is_cuda
+        """Whether this batch's forward and backward run as captured CUDA graphs: training (in
+        any mode) on a GPU with execution auto or compiled, without a halting head (graphs
+        return the logits only)."""
+        return (self.hparams.execution in ("auto", "compiled") and batch["tokens"].is_cuda
                 and torch.is_grad_enabled() and self.reasoner.halt is None)
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
