@@ -83,9 +83,11 @@ def test_graphed_training_in_parallel_modes_matches_their_eager_forward(mode, pa
         F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    mem = model.encode_memory(states, mask)
-    eager = model.forward_off(tokens, latent, mem) if mode == "off" else model.forward_jacobi(tokens, latent, mem, passes)
-    want, want_grads = grads(eager)
+    def eager():  # nothing may keep this graph alive while the next one is captured
+        mem = model.encode_memory(states, mask)
+        return model.forward_off(tokens, latent, mem) if mode == "off" else model.forward_jacobi(tokens, latent, mem, passes)
+
+    want, want_grads = grads(eager())
     graphed = GraphedTraining(model, None)
     for _ in range(2):  # capture, then replay
         got, got_grads = grads(graphed(tokens, latent, states, mask, mode, passes))

@@ -134,7 +134,7 @@ def test_64_recurrent_steps_train_without_nan_or_inf(tiny, tmp_path, mode):
     module.training_mode, module.jacobi_passes = mode, 4
     dm = tiny.data(module, tmp_path, steps="latent", length=64, n_train=32, batch_size=8)
     record = Record()
-    tiny.trainer(tmp_path, max_steps=6, gradient_clip_val=1.0, callbacks=[record]).fit(module, dm)
+    tiny.trainer(tmp_path, max_steps=6, gradient_clip_val=1.0, log_every_n_steps=1, callbacks=[record]).fit(module, dm)
     assert all(math.isfinite(r["loss"]) for r in record.rows)
     assert all(torch.isfinite(p).all() for p in module.reasoner.parameters())
     depth = record.rows[-1]["depth"]

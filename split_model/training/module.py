@@ -259,19 +259,30 @@ class SplitModelModule(LightningModule):
         lookup[ids] = torch.arange(len(ids), device=labels.device)
         return torch.where(labels == IGNORE, labels, lookup[labels.clamp_min(0)])
 
+    def _diagnostics_now(self) -> bool:
+        """Whether this training step's values reach the logger (every trainer.log_every_n_steps):
+        the diagnostics (gates, gradient norms) are computed and logged only then, since each
+        logged value costs a few small kernels and Lightning's bookkeeping on every step."""
+        try:
+            return bool(self.trainer._logger_connector.should_update_logs)
+        except (AttributeError, RuntimeError, NotImplementedError):  # no trainer, or another Lightning
+            return True
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        graphed = self._uses_graphs(batch)  # a captured graph runs no Python hooks
-        self.grad_probe = None if graphed else []
-        self.reasoner.input_grad_hook = None if graphed else self.grad_probe.append
+        diagnostics = self._diagnostics_now()
+        probe = diagnostics and not self._uses_graphs(batch)  # a captured graph runs no Python hooks
+        self.grad_probe = [] if probe else None
+        self.reasoner.input_grad_hook = self.grad_probe.append if probe else None
         loss, acc, _ = self._forward(batch)
         self.reasoner.input_grad_hook = None
         b = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
-        if self.reasoner.feedback is not None:
-            self.log("train/feedback_gate", self.reasoner.feedback.openness(), batch_size=b)
-        gates = torch.stack([torch.tanh(blk.xattn.gate.detach()) for blk in self.reasoner.blocks])
-        self.log("train/xattn_gate", gates.mean(), batch_size=b)
+        if diagnostics:
+            if self.reasoner.feedback is not None:
+                self.log("train/feedback_gate", self.reasoner.feedback.openness(), batch_size=b)
+            gates = torch.stack([torch.tanh(blk.xattn.gate.detach()) for blk in self.reasoner.blocks])
+            self.log("train/xattn_gate", gates.mean(), batch_size=b)
         return loss
 
     def on_after_backward(self) -> None:
@@ -286,6 +297,8 @@ class SplitModelModule(LightningModule):
             self.log(f"train/grad_norm_depth_{start}", per_step[start : start + width].sum().sqrt())
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if not self._diagnostics_now():
+            return
         grads = [p.grad.detach().norm() for p in self.reasoner.parameters() if p.grad is not None]
         if grads:  # norm before clipping: Lightning clips after this hook
             self.log("train/grad_norm", torch.stack(grads).norm())
