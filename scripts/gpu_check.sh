@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA benches in one go on a GPU machine: the graph-capture tests, the speed and
-# train-speed benches (about 4 minutes on an H200), then train-modes (more than 5 minutes on
-# an H200: give it the rest of the call, or run it alone). Each part has its own time limit,
+# train-speed benches (about 4 minutes on an H200), then train-modes (about 8 minutes on an
+# H200 at its default 6000 steps per mode: run it alone, PARTS=train-modes). Each part has its own time limit,
 # so one that hangs or fails leaves the others' results; full logs go to $OUT.
 #
 #   here:  bash scripts/setup.sh && ../shared/tools/gpu-bundle --minilm &&
@@ -30,7 +30,7 @@ if [[ $parts == *" train-speed "* ]]; then
   echo "train-speed exit $?"; grep "^\[bench\]\|Error" "$out/train.log" | tail -6
 fi
 if [[ $parts == *" train-modes "* ]]; then
-  timeout "${TRAIN_MODES_S:-500}" python3 -m split_model.cli bench train-modes --device cuda --out-dir "$out" \
+  timeout "${TRAIN_MODES_S:-540}" python3 -m split_model.cli bench train-modes --device cuda --out-dir "$out" \
     ${TRAIN_MODES_STEPS:+--steps "$TRAIN_MODES_STEPS"} > "$out/modes.log" 2>&1
   echo "train-modes exit $?"; grep "^\[bench\]" "$out/modes.log" | grep -v " step [0-9]*:" | tail -12
 fi
