@@ -202,9 +202,14 @@ class TaskDataModule(LightningDataModule):
         self._set_default_latent()
 
     def _set_default_latent(self) -> None:
+        """What evaluation may know about an unseen question, from the train split alone: the
+        most common latent count and the longest target. Without a loaded train split (validate
+        or test from a checkpoint) the model brings them from its checkpoint."""
         if "train" in self.datasets:
-            counts = Counter(s.n_latent for s in self.datasets["train"].sequences)
-            self.formatter.default_latent = counts.most_common(1)[0][0]
+            sequences = self.datasets["train"].sequences
+            self.formatter.default_latent = Counter(s.n_latent for s in sequences).most_common(1)[0][0]
+            self.formatter.max_target = max(len(s.labels) - s.n_latent for s in sequences)
+            self.formatter.from_train = True
 
     def reformat(self) -> None:
         """Re-encode every loaded split with the formatter as it is now (a curriculum changed it)."""
@@ -235,6 +240,3 @@ class TaskDataModule(LightningDataModule):
         ids = {t for s in self.datasets["train"].sequences for t in s.labels if t >= 0}
         return sorted(ids | {self.formatter.tok.eos_id})
 
-    def max_target_tokens(self) -> int:
-        """Longest answer-side sequence in the loaded splits: the generation budget."""
-        return max(len(s.labels) - s.n_latent for d in self.datasets.values() for s in d.sequences)

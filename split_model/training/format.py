@@ -35,7 +35,8 @@ class Sequence:
 
 class Formatter:
     def __init__(self, tokenizer: TextTokenizer, steps: StepsMode = "text", latent_steps: int = 0,
-                 default_latent: int | None = None, replaced_steps: int = 0, latent_per_step: int = 1):
+                 default_latent: int | None = None, replaced_steps: int = 0, latent_per_step: int = 1,
+                 max_target: int | None = None):
         if steps not in ("text", "latent", "none"):
             raise ValueError(f"steps must be one of text, latent, none; got {steps!r}")
         if latent_steps < 0:
@@ -47,14 +48,19 @@ class Formatter:
         self.tok, self.steps, self.latent_steps = tokenizer, steps, latent_steps
         self.replaced_steps, self.latent_per_step = replaced_steps, latent_per_step
         self.marker = tokenizer.encode(ANSWER_MARKER)
-        # Latent steps for a raw question (generation), where the step count is unknown:
-        # the most common count in the training data (set by the data module).
+        # What evaluation and generation use for a raw question, where the gold chain is
+        # unknown: the most common latent count and the longest target (written steps, answer,
+        # eos) in the training data, set by the data module from the train split and kept in
+        # checkpoints. Never the example's own labels.
         self.default_latent = latent_steps if default_latent is None else default_latent
+        self.max_target = max_target
+        self.from_train = False  # True once the data module has set both from a train split
 
     @property
     def spec(self) -> dict:
         return {"steps": self.steps, "latent_steps": self.latent_steps, "default_latent": self.default_latent,
-                "replaced_steps": self.replaced_steps, "latent_per_step": self.latent_per_step}
+                "replaced_steps": self.replaced_steps, "latent_per_step": self.latent_per_step,
+                "max_target": self.max_target}
 
     def n_latent(self, example: Example) -> int:
         return self._unlabelled(example) + (len(example.steps) if self.steps == "latent" else 0)

@@ -24,6 +24,7 @@ from split_model.training.distributed import ignore_frozen_memory
 from split_model.training.format import IGNORE, Formatter
 
 CKPT_KEY = "split_model"
+FALLBACK_BUDGET = 64  # tokens written in evaluation when neither max_new_tokens nor the train split says
 
 
 class SplitModelModule(LightningModule):
@@ -54,7 +55,8 @@ class SplitModelModule(LightningModule):
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay of matrices (not of norms, gates or embeddings).
         warmup_steps: linear warmup before cosine decay to 10% of lr.
-        max_new_tokens: generation budget in validation; None: the longest target in the data.
+        max_new_tokens: generation budget in validation; None: the longest target of the train
+            split (what evaluation may know; the gold target of an example is never used).
         output_vocab: which tokens the reasoner writes: full (the backbone's whole vocabulary)
             or task (only tokens that occur in the training targets; far cheaper to train
             with a large vocabulary, and the model can only write what the task needs).
@@ -313,6 +315,11 @@ class SplitModelModule(LightningModule):
         if self.reasoner.halt is not None:  # how long the rows thought before answering
             self.log(f"{prefix}/latent_steps_used", self.reasoner.last_latent_steps.float().mean(), batch_size=b,
                      sync_dist=True)
+        oracle = score
+        if bool((batch["n_latent"] != self.formatter.default_latent).any()):  # gold chains of other lengths
+            preds = self.predict_answers(batch, mem, oracle=True)
+            oracle = sum(self.task.score(p, e) for p, e in zip(preds, batch["examples"])) / b
+        self.log(f"{prefix}/accuracy_oracle", oracle, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
@@ -336,9 +343,18 @@ class SplitModelModule(LightningModule):
         return [{"question": e.question, "prediction": p, "answer": e.answer, "score": self.task.score(p, e)}
                 for p, e in zip(preds, batch["examples"])]
 
-    def predict_answers(self, batch: dict, mem) -> list[str]:
-        budget = self.hparams.max_new_tokens or int((batch["labels"] != IGNORE).sum(1).max()) + 2
-        return self._answers(mem, batch["n_latent"], budget)
+    def predict_answers(self, batch: dict, mem, oracle: bool = False) -> list[str]:
+        """Generated answers to the batch's questions, run as on raw questions: every row takes
+        the formatter's default latent count and the token budget is the longest training target
+        (both from the train split, kept in checkpoints), or `max_new_tokens`. Nothing comes from
+        the rows' own labels, except with `oracle` (a diagnosis: each row's gold latent count and
+        a budget from the batch's gold targets; logged as accuracy_oracle)."""
+        if oracle:
+            budget = self.hparams.max_new_tokens or int((batch["labels"] != IGNORE).sum(1).max()) + 2
+            return self._answers(mem, batch["n_latent"], budget)
+        budget = self.hparams.max_new_tokens or (self.formatter.max_target or FALLBACK_BUDGET) + 2
+        n_latent = torch.full_like(batch["n_latent"], self.formatter.default_latent)
+        return self._answers(mem, n_latent, budget)
 
     def _answers(self, mem, n_latent: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None,
                  on_token=None) -> list[str]:
@@ -384,6 +400,11 @@ class SplitModelModule(LightningModule):
         check_fingerprint(info, self.memory)
         self._format_spec = info.get("format")
         self.reasoner.set_output_vocab(info.get("output_ids"))
+        fmt, formatter = self._format_spec or {}, self.formatter
+        if formatter is not None and not formatter.from_train:  # validate/test without the train split
+            for key in ("default_latent", "max_target"):
+                if fmt.get(key) is not None:
+                    setattr(formatter, key, fmt[key])
 
 
 def check_fingerprint(info: dict, memory: HFMemory) -> None:
