@@ -215,3 +215,29 @@ def test_every_config_parses(tiny, config, capsys, monkeypatch):
         dispatch(["fit", "--config", f"configs/{config}", "--print_config"])
     assert done.value.code in (0, None)
     assert "reasoner:" in capsys.readouterr().out
+
+
+TEST_FILES = {"prosqa.yaml": "prosqa/prosqa_test.json", "prontoqa.yaml": "prontoqa/prontoqa_test.json",
+              "icot_mult_4x4.yaml": "icot_multiplication/4x4/test_bigbench.txt"}
+
+
+@pytest.mark.parametrize("config", sorted(TEST_FILES))
+def test_benchmark_configs_name_the_original_test_files_and_say_when_they_are_missing(tiny, config, tmp_path,
+                                                                                       monkeypatch):
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("SPLIT_MODEL_BENCHMARKS", str(tmp_path))
+    data = OmegaConf.to_container(OmegaConf.load(tiny.repo / "configs" / config)["data"], resolve=True)
+    module, cls = data["task"]["class_path"].rsplit(".", 1)
+    task = getattr(importlib.import_module(module), cls)(**data["task"]["init_args"])
+    want = tmp_path / TEST_FILES[config]
+    with pytest.raises(FileNotFoundError, match=f"test file not found: {want}"):
+        task.examples("test")
+    want.parent.mkdir(parents=True)
+    if want.suffix == ".json":
+        want.write_text('[{"question": "Is a b?", "steps": ["a is c.", "c is b."], "answer": "yes"}]')
+    else:
+        want.write_text("1 2 3 4 * 5 6 7 8||5 1 7 0 2 #### 5 7 8 5 2 7 0 1\n")
+    assert len(task.examples("test")) == 1  # present: read like any split (and scored by the same step as valid)
