@@ -90,3 +90,26 @@ def test_validating_a_checkpoint_without_the_train_split_takes_its_counts_from_t
     tiny.trainer(tmp_path).validate(fresh, datamodule=dm2, ckpt_path=str(ckpt), verbose=False)
     assert "train" not in dm2.datasets
     assert calls[0] == ([1] * 16, spec["max_target"] + 2)
+
+
+def test_a_test_run_writes_every_prediction_a_summary_and_a_table(tiny, tmp_path, capsys):
+    import json
+
+    module = tiny.module(tiny.memory("llama"), feedback="all")
+    dm = tiny.data(module, tmp_path)
+    trainer = tiny.trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, dm)
+    metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    test = dm.task.examples("test")
+    assert [r["question"] for r in rows] == [e.question for e in test]
+    assert [r["target"] for r in rows] == [e.answer for e in test]
+    assert all(r["correct"] == (r["prediction"] == r["target"]) and r["score"] == float(r["correct"]) for r in rows)
+    assert all(r["latent_steps"] == 3 and 1 <= r["tokens_written"] <= module.formatter.max_target + 2 for r in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["examples"] == len(test) == 16
+    assert summary["exact_match"] == pytest.approx(sum(r["correct"] for r in rows) / 16, abs=1e-4)
+    assert summary["exact_match"] == pytest.approx(metrics["test/accuracy"], abs=1e-4)
+    assert summary["mean_reasoner_steps"] == pytest.approx(3 + sum(r["tokens_written"] for r in rows) / 16, abs=1e-3)
+    out = capsys.readouterr().out
+    assert "| task | split | examples | exact_match |" in out and f"| state_tracking | test | 16 | {summary['exact_match']} |" in out

@@ -22,6 +22,7 @@ from split_model.reasoner.graphs import GraphedTraining
 from split_model.tasks import Task
 from split_model.training.distributed import ignore_frozen_memory
 from split_model.training.format import IGNORE, Formatter
+from split_model.training.report import TestReport, markdown_table
 
 CKPT_KEY = "split_model"
 FALLBACK_BUDGET = 64  # tokens written in evaluation when neither max_new_tokens nor the train split says
@@ -113,6 +114,8 @@ class SplitModelModule(LightningModule):
         self.task: Task | None = None
         self._format_spec: dict | None = None
         self._graphed: GraphedTraining | None = None
+        self._report: TestReport | None = None  # what a test run has answered so far
+        self.last_written: list[int] = []  # tokens (eos included) each row wrote in the last generation
         # What training runs now: the configured mode, until a Curriculum changes it.
         self.training_mode, self.jacobi_passes = training_mode, jacobi_passes
         self.grad_probe: list[torch.Tensor] | None = None  # per-position input gradients (stability logging)
@@ -312,9 +315,12 @@ class SplitModelModule(LightningModule):
             self.log(f"{prefix}/jacobi_gap", self.jacobi_gap(batch, mem), batch_size=b, sync_dist=True)
         preds = self.predict_answers(batch, mem)
         score = sum(self.task.score(p, e) for p, e in zip(preds, batch["examples"])) / b
-        if self.reasoner.halt is not None:  # how long the rows thought before answering
-            self.log(f"{prefix}/latent_steps_used", self.reasoner.last_latent_steps.float().mean(), batch_size=b,
-                     sync_dist=True)
+        latent = self.reasoner.last_latent_steps if self.reasoner.halt is not None else None
+        if latent is not None:  # how long the rows thought before answering
+            self.log(f"{prefix}/latent_steps_used", latent.float().mean(), batch_size=b, sync_dist=True)
+        if prefix == "test" and self._report is not None:
+            used = latent.tolist() if latent is not None else [self.formatter.default_latent] * b
+            self._report.add(list(batch["examples"]), preds, used, self.last_written)
         oracle = score
         if bool((batch["n_latent"] != self.formatter.default_latent).any()):  # gold chains of other lengths
             preds = self.predict_answers(batch, mem, oracle=True)
@@ -330,6 +336,20 @@ class SplitModelModule(LightningModule):
         approx = self.reasoner.forward_jacobi(batch["tokens"], batch["latent"], mem, self.jacobi_passes)
         scored = (batch["labels"] != IGNORE)[..., None]
         return ((approx - exact) * scored).norm() / (exact * scored).norm().clamp_min(1e-12)
+
+    def on_test_epoch_start(self) -> None:
+        self._report = TestReport(self.task)
+
+    def on_test_epoch_end(self) -> None:
+        """predictions.jsonl and summary.json in the run's log directory, and a markdown table."""
+        report, self._report = self._report, None
+        if report is None:
+            return
+        trainer = self.trainer
+        directory = trainer.log_dir or trainer.default_root_dir
+        summary = report.write(directory, trainer.global_rank, trainer.world_size)
+        if trainer.is_global_zero:
+            print(f"\n{markdown_table(summary)}\n\npredictions and summary written to {directory}", flush=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -363,6 +383,7 @@ class SplitModelModule(LightningModule):
         decoder = {"auto": "graphs", "compiled": "compiled", "static": "static", "dynamic": "dynamic"}[self.hparams.execution]
         ids = self.reasoner.generate(mem, n_latent, tok.bos_id, tok.eos_id, max_new_tokens, sampling=sampling,
                                      decoder=decoder, on_token=on_token)
+        self.last_written = [len(x) + (len(x) < max_new_tokens) for x in ids]  # + the eos, when one was written
         return [self.formatter.answer_from(x) for x in ids]
 
     @torch.no_grad()
