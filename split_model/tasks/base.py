@@ -38,6 +38,11 @@ class Task(ABC):
     def examples(self, split: Split) -> list[Example]:
         """All examples of `split`, in a fixed order (same call, same list)."""
 
+    @property
+    def label(self) -> str:
+        """What reports call this task (the registry name, or more where one class holds many)."""
+        return self.name
+
     def normalize(self, text: str) -> str:
         """Canonical form for comparison: stripped, whitespace runs as one space."""
         return " ".join(text.split())

@@ -33,7 +33,7 @@ class TestReport:
         n = len(self.rows)
         mean = (lambda key: sum(r[key] for r in self.rows) / n) if n else (lambda key: float("nan"))
         return {
-            "task": self.task.name, "split": self.split, "examples": n,
+            "task": self.task.label, "split": self.split, "examples": n,
             "exact_match": round(mean("correct"), 4), "task_score": round(mean("score"), 4),
             "mean_latent_steps": round(mean("latent_steps"), 3),
             # every latent step and every written token is one step of the reasoner's recurrence
