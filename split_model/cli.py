@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -174,11 +175,23 @@ def data_main(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="output path, e.g. data/prosqa_train.json")
     p.add_argument("-n", "--n", type=int, default=10000, help="number of examples")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--compare", metavar="FILE", default=None,
+                   help="a real ProsQA JSON file (e.g. prosqa_valid.json): print both sets' statistics side by side")
     args = p.parse_args(argv)
-    from split_model.tasks import write_prosqa
+    import json
 
+    from split_model.tasks import prosqa_statistics, write_prosqa
+
+    if args.compare is not None and not Path(args.compare).is_file():
+        p.error(f"--compare: no file at {args.compare}")
     path = write_prosqa(args.out, args.n, seed=args.seed)
     print(f"wrote {args.n} examples to {path}")
+    if args.compare is not None:
+        ours = prosqa_statistics(json.loads(path.read_text()))
+        real = prosqa_statistics(json.loads(Path(args.compare).read_text()))
+        print(f"| statistic (mean per item) | generated | {Path(args.compare).name} |\n|---|---|---|")
+        for key in ours:
+            print(f"| {key} | {ours[key]} | {real[key]} |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -241,3 +241,19 @@ def test_benchmark_configs_name_the_original_test_files_and_say_when_they_are_mi
     else:
         want.write_text("1 2 3 4 * 5 6 7 8||5 1 7 0 2 #### 5 7 8 5 2 7 0 1\n")
     assert len(task.examples("test")) == 1  # present: read like any split (and scored by the same step as valid)
+
+
+def test_data_prosqa_writes_a_set_and_compares_its_statistics_with_a_real_file(tmp_path, capsys):
+    import json
+
+    from split_model.tasks import generate_prosqa
+
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(generate_prosqa(20, seed=9)))
+    dispatch(["data", "prosqa", "--out", str(tmp_path / "gen.json"), "-n", "30", "--compare", str(real)])
+    out = capsys.readouterr().out
+    assert len(json.loads((tmp_path / "gen.json").read_text())) == 30
+    assert "| statistic (mean per item) | generated | real.json |" in out and "| items | 30 | 20 |" in out
+    with pytest.raises(SystemExit):
+        dispatch(["data", "prosqa", "--out", str(tmp_path / "g2.json"), "--compare", str(tmp_path / "nope.json")])
+    assert "--compare: no file at" in capsys.readouterr().err and not (tmp_path / "g2.json").exists()

@@ -23,6 +23,7 @@ from split_model.tasks import (
     StateTracking,
     generate_prosqa,
     get_task,
+    prosqa_statistics,
     write_prosqa,
 )
 
@@ -292,10 +293,11 @@ def test_prontoqa_real_valid() -> None:
 
 
 def test_registry(tmp_path: Path) -> None:
-    assert set(TASKS) == {"state_tracking", "icot_multiplication", "prosqa", "prontoqa"}
+    assert set(TASKS) == {"state_tracking", "icot_multiplication", "prosqa", "prontoqa", "reasoning_gym"}
     for name, cls in TASKS.items():
         assert cls.name == name
-        assert isinstance(get_task(name), cls)
+        if name != "reasoning_gym":  # it needs a generator's name (tests/test_reasoning_gym.py)
+            assert isinstance(get_task(name), cls)
     task = get_task("state_tracking", n_train=3, length=2)
     assert len(task.examples("train")) == 3
     with pytest.raises(ValueError, match=r"unknown task 'x'; known: icot_multiplication, prontoqa"):
@@ -309,3 +311,19 @@ def test_score_is_normalized_exact_match() -> None:
     assert task.score("Tom is a lempus", example) == 0.0
     assert task.score("tom is a lempus.", example) == 0.0
     assert task.normalize(" a \t b\n") == "a b"
+
+
+def test_generated_prosqa_has_the_shape_of_the_real_valid_split() -> None:
+    real = prosqa_statistics(json.loads(require(PROSQA_VALID).read_text()))
+    ours = prosqa_statistics(generate_prosqa(1000, seed=0))
+    for key, tolerance in (("symbols", 0.05), ("facts", 0.05), ("people", 0.1), ("facts_about_people", 0.15),
+                           ("facts_about_root", 0.15), ("question_words", 0.05)):
+        assert abs(ours[key] - real[key]) <= tolerance * real[key], (key, ours[key], real[key])
+    assert ours["path_length_share"].keys() == real["path_length_share"].keys()
+    for length, share in real["path_length_share"].items():
+        assert abs(ours["path_length_share"][length] - share) <= 0.03, (length, ours["path_length_share"], share)
+
+
+def test_prosqa_statistics_of_an_empty_set_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no ProsQA items"):
+        prosqa_statistics([])

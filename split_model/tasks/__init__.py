@@ -14,6 +14,7 @@ from split_model.tasks.coconut_json import (
     ProsQA,
     ProsQAGenConfig,
     generate_prosqa,
+    prosqa_statistics,
     write_prosqa,
 )
 from split_model.tasks.icot import IcotMultiplication
@@ -48,5 +49,6 @@ __all__ = [
     "Task",
     "generate_prosqa",
     "get_task",
+    "prosqa_statistics",
     "write_prosqa",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,7 @@ class ProsQAGenConfig:
     path_weights: tuple[float, ...] = (124, 133, 36, 7)  # how often each length occurs in real data
     edges_per_node: float = 1.6  # facts per symbol; real data median 1.57
     extra_person_prob: float = 0.4  # chance of each further distractor person; real: 40% have 3+
+    person_fact_prob: float = 0.4  # chance a random extra fact about a person is kept (real: 2.9 facts about root)
     max_people: int = 6  # cap on people per item, including root and the second person
     max_tries: int = 1000  # graph resamples per item before giving up
 
@@ -257,12 +258,16 @@ class _GraphBuilder:
         self.rng.shuffle(candidates)
         return any(self.try_add(src, dst) for src, dst in candidates)
 
-    def add_random_edges(self, n_edges: int) -> None:
-        """Add random allowed edges until there are `n_edges` (or attempts run out)."""
+    def add_random_edges(self, n_edges: int, person_fact_prob: float = 1.0) -> None:
+        """Add random allowed edges until there are `n_edges` (or attempts run out); an edge
+        from a person is kept with probability person_fact_prob (people sit at low indices, so
+        uniform edges would state too many facts about them)."""
         for _ in range(20 * n_edges):
             if len(self.edges) >= n_edges:
                 return
             src, dst = sorted(self.rng.sample(range(self.n_nodes), 2))
+            if src in self.people and self.rng.random() >= person_fact_prob:
+                continue
             self.try_add(src, dst)
 
 
@@ -283,7 +288,7 @@ def _build_graph(rng: random.Random, cfg: ProsQAGenConfig) -> _GraphBuilder | No
     graph = _GraphBuilder(rng, n_nodes, n_steps, _sample_people(rng, n_nodes, cfg))
     if not graph.plant() or not graph.connect_all():
         return None
-    graph.add_random_edges(round(cfg.edges_per_node * n_nodes))
+    graph.add_random_edges(round(cfg.edges_per_node * n_nodes), cfg.person_fact_prob)
     return graph
 
 
@@ -339,6 +344,33 @@ def _generate_one(rng: random.Random, cfg: ProsQAGenConfig) -> dict[str, Any]:
         if graph is not None:
             return _to_item(rng, graph)
     raise RuntimeError(f"no valid ProsQA graph in {cfg.max_tries} tries with {cfg}")
+
+
+def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shape of a set of ProsQA items (real or generated), to check one against the other:
+    symbols, facts and people per item, facts about the asked person (the first branches a
+    reasoner must choose between), question words (means), and the share of each path length."""
+    if not items:
+        raise ValueError("no ProsQA items to describe")
+    n = len(items)
+
+    def mean(values) -> float:
+        return round(sum(values) / n, 2)
+
+    def people(item) -> set[int]:
+        return {i for i, s in enumerate(item["idx_to_symbol"]) if s[:1].isupper()}
+
+    steps = Counter(len(item["steps"]) for item in items)
+    return {
+        "items": n,
+        "symbols": mean(len(item["idx_to_symbol"]) for item in items),
+        "facts": mean(len(item["edges"]) for item in items),
+        "people": mean(len(people(item)) for item in items),
+        "facts_about_people": mean(sum(src in people(item) for src, _ in item["edges"]) for item in items),
+        "facts_about_root": mean(sum(src == item["root"] for src, _ in item["edges"]) for item in items),
+        "question_words": mean(len(item["question"].split()) for item in items),
+        "path_length_share": {str(k): round(v / n, 3) for k, v in sorted(steps.items())},
+    }
 
 
 def write_prosqa(path: str | Path, n: int, seed: int = 0, config: ProsQAGenConfig | None = None) -> Path:
