@@ -23,6 +23,7 @@ BENCHES: dict[str, str] = {
     "train-speed": "split_model.bench.train_speed:run",
     "train-modes": "split_model.bench.train_modes:run",
     "latent-steps": "split_model.bench.latent_steps:run",
+    "suite": "split_model.bench.suite:run",
 }
 
 
@@ -55,7 +56,8 @@ def bench_main(argv: list[str]) -> dict:
          "quickstart: time and accuracy of configs/quickstart.yaml",
          "train-speed: training steps/s of the reference and the fast path, memory encoding tokens/s",
          "train-modes: sequential vs jacobi (K=2,4,8) vs off at 16 steps: examples/s, accuracy, jacobi gap",
-         "latent-steps: accuracy as test-time latent steps go 0..16, with and without sampled latent counts (PNG)"]))
+         "latent-steps: accuracy as test-time latent steps go 0..16, with and without sampled latent counts (PNG)",
+         "suite: train and score the benchmark configs and their baselines (feedback none/last, written CoT)"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -64,6 +66,9 @@ def bench_main(argv: list[str]) -> dict:
                    help="train-speed's memory backbone: a packaged short name or a local Hugging Face directory")
     p.add_argument("--steps", type=int, default=None,
                    help="train-modes: optimizer steps per trained model, instead of the bench's default")
+    p.add_argument("--tasks", default=None,
+                   help="suite: comma-separated tasks (default all: prosqa, prontoqa, icot_4x4, gym_chain_sum, ...)")
+    p.add_argument("--variants", default=None, help="suite: comma-separated variants of all, none, last, cot (default all four)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")

@@ -1,0 +1,113 @@
+"""The benchmark suite: train each committed benchmark config, and its baselines, then score it.
+
+Each (task, variant) pair is one `split-model fit` of the task's config with the variant's
+overrides (no code edits: the same commands a user would type), followed by a validation of
+the final model on the valid split (honest scoring: the train split's latent count, never the
+gold chain). Variants:
+- all:  the config as committed (feedback all);
+- none, last: the same with `model.reasoner.feedback` none / last (equal size and budget);
+- cot:  written chain of thought (`data.steps: text`, no latent steps), for tasks with steps.
+
+Runs go to runs/suite/TASK-VARIANT/ in the repository. After every run the results so far are written to
+suite.partial.json next to the final suite.json, so a long suite that stops keeps its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from split_model.bench import log
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and runs/ live there
+RUNS = ROOT / "runs" / "suite"
+
+# The reasoning-gym generators of the suite and their sizes (see configs/reasoning_gym.yaml).
+GYM = {
+    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+    "count_bits": {"min_n": 1, "max_n": 255},
+    "letter_counting": {"min_words": 3, "max_words": 6},
+    "leg_counting": {"min_animals": 1, "max_animals": 3, "max_instances": 3},
+    "gcd": {"min_value": 1, "max_value": 100},
+    "family_relationships": {},
+}
+COT = ["--data.steps=text", "--data.latent_steps=0"]
+
+# task -> (config, overrides that select it, overrides of the cot variant or None: no written steps)
+TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
+    "prosqa": ("prosqa.yaml", [], COT),
+    "prontoqa": ("prontoqa.yaml", [], COT),
+    "icot_4x4": ("icot_mult_4x4.yaml", [], COT),
+    **{f"gym_{name}": ("reasoning_gym.yaml",
+                       [f"--data.task.init_args.dataset={name}", f"--data.task.init_args.config={json.dumps(cfg)}"], None)
+       for name, cfg in GYM.items()},
+}
+VARIANTS = {"all": [], "none": ["--model.reasoner.feedback=none"], "last": ["--model.reasoner.feedback=last"], "cot": None}
+QUICK = ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2"]
+
+
+def plan(tasks: list[str], variants: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(task, variant, fit arguments) for every pair that exists (cot only where a task has written steps)."""
+    unknown = [t for t in tasks if t not in TASKS] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"suite: unknown task or variant {', '.join(unknown)}; tasks: {', '.join(TASKS)}; "
+                         f"variants: {', '.join(VARIANTS)}")
+    runs = []
+    for task in tasks:
+        config, select, cot = TASKS[task]
+        for variant in variants:
+            extra = cot if variant == "cot" else VARIANTS[variant]
+            if extra is None:
+                continue
+            root = RUNS / f"{task}-{variant}"
+            runs.append((task, variant, ["fit", "--config", str(ROOT / "configs" / config), *select, *extra,
+                                         f"--trainer.default_root_dir={root}",
+                                         f"--trainer.logger.init_args.save_dir={root}"]))
+    return runs
+
+
+def fit_and_score(argv: list[str]) -> dict:
+    """One `split-model fit` in this process, then the final model's validation metrics."""
+    from split_model.cli import dispatch
+
+    start = time.time()
+    cli = dispatch(argv)
+    seconds = time.time() - start
+    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    model = cli.model
+    return {"accuracy": round(float(metrics["val/accuracy"]), 4),
+            "accuracy_oracle": round(float(metrics.get("val/accuracy_oracle", metrics["val/accuracy"])), 4),
+            "fit_seconds": round(seconds, 1),
+            "trainable_params": sum(p.numel() for p in model.reasoner.parameters()),
+            "memory_params": sum(p.numel() for p in model.memory.parameters())}
+
+
+def run(args) -> dict:
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    runs = plan(tasks, variants)
+    device = ["--trainer.accelerator=gpu"] if args.device == "cuda" else ["--trainer.accelerator=cpu"]
+    out: dict = {"tasks": {}, "accuracy_oracle": {}, "trainable_params": {}, "memory_params": {}, "train_seconds": {},
+                 "commands": {}}
+    partial = Path(args.out_dir) / "suite.partial.json"
+    for i, (task, variant, argv) in enumerate(runs):
+        argv = [*argv, *device, *(QUICK if args.quick else [])]
+        log(f"[{i + 1}/{len(runs)}] {task} {variant}: split-model {' '.join(argv)}")
+        r = fit_and_score(argv)
+        log(f"{task} {variant}: valid accuracy {r['accuracy']} (oracle {r['accuracy_oracle']}) in {r['fit_seconds']} s")
+        out["tasks"].setdefault(task, {})[variant] = r["accuracy"]
+        out["accuracy_oracle"].setdefault(task, {})[variant] = r["accuracy_oracle"]
+        out["trainable_params"].setdefault(task, {})[variant] = r["trainable_params"]
+        out["memory_params"][task] = r["memory_params"]
+        out["train_seconds"].setdefault(task, {})[variant] = r["fit_seconds"]
+        out["commands"].setdefault(task, {})[variant] = "split-model " + " ".join(argv)
+        if not args.quick:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(out, indent=1) + "\n")
+    return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", **out,
+            "scoring": "valid split, exact match of the generated answer (the task's own scorer), with the train "
+                       "split's latent count and token budget; accuracy_oracle uses each row's gold latent count",
+            "train_seconds_note": "split-model fit wall time, reading the data with the memory included"}

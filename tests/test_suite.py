@@ -1,0 +1,32 @@
+"""The benchmark suite: which runs it plans, and a smoke run end to end on the debug config."""
+
+from __future__ import annotations
+
+import pytest
+
+from split_model.bench import bench_main, suite
+
+
+def test_the_plan_pairs_tasks_with_variants_and_skips_cot_where_nothing_is_written():
+    runs = suite.plan(["prosqa", "gym_gcd"], ["all", "none", "cot"])
+    assert [(t, v) for t, v, _ in runs] == [("prosqa", "all"), ("prosqa", "none"), ("prosqa", "cot"),
+                                            ("gym_gcd", "all"), ("gym_gcd", "none")]
+    argv = dict(((t, v), a) for t, v, a in runs)
+    assert argv[("prosqa", "cot")][:3] == ["fit", "--config", str(suite.ROOT / "configs" / "prosqa.yaml")]
+    assert "--data.steps=text" in argv[("prosqa", "cot")] and "--model.reasoner.feedback=none" in argv[("gym_gcd", "none")]
+    assert "--data.task.init_args.dataset=gcd" in argv[("gym_gcd", "all")]
+    with pytest.raises(SystemExit, match="unknown task or variant gsm9k"):
+        suite.plan(["gsm9k"], ["all"])
+
+
+def test_a_quick_suite_trains_and_scores_each_variant(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "TASKS", {"debug": ("debug.yaml", [], suite.COT)})
+    monkeypatch.setattr(suite, "RUNS", tmp_path / "runs")
+    result = bench_main(["suite", "--quick", "--tasks", "debug", "--variants", "all,none", "--out-dir", str(tmp_path)])
+    assert set(result["tasks"]["debug"]) == {"all", "none"}
+    assert all(0.0 <= a <= 1.0 for a in result["tasks"]["debug"].values())
+    params = result["trainable_params"]["debug"]
+    assert params["all"] > params["none"] > 0  # the feedback path's parameters
+    assert result["memory_params"]["debug"] > 0
+    assert (tmp_path / "runs" / "debug-none").is_dir()
+    assert "--model.reasoner.feedback=none" in result["commands"]["debug"]["none"]
