@@ -218,7 +218,8 @@ def test_every_config_parses(tiny, config, capsys, monkeypatch):
 
 
 TEST_FILES = {"prosqa.yaml": "prosqa/prosqa_test.json", "prontoqa.yaml": "prontoqa/prontoqa_test.json",
-              "icot_mult_4x4.yaml": "icot_multiplication/4x4/test_bigbench.txt"}
+              "icot_mult_4x4.yaml": "icot_multiplication/4x4/test_bigbench.txt",
+              "icot_mult_5x5.yaml": "icot_multiplication/5x5/test_bigbench.txt", "gsm8k.yaml": "gsm8k_aug/test.txt"}
 
 
 @pytest.mark.parametrize("config", sorted(TEST_FILES))

@@ -293,14 +293,14 @@ def test_prontoqa_real_valid() -> None:
 
 
 def test_registry(tmp_path: Path) -> None:
-    assert set(TASKS) == {"state_tracking", "icot_multiplication", "prosqa", "prontoqa", "reasoning_gym"}
+    assert set(TASKS) == {"state_tracking", "icot_multiplication", "gsm8k", "prosqa", "prontoqa", "reasoning_gym"}
     for name, cls in TASKS.items():
         assert cls.name == name
         if name != "reasoning_gym":  # it needs a generator's name (tests/test_reasoning_gym.py)
             assert isinstance(get_task(name), cls)
     task = get_task("state_tracking", n_train=3, length=2)
     assert len(task.examples("train")) == 3
-    with pytest.raises(ValueError, match=r"unknown task 'x'; known: icot_multiplication, prontoqa"):
+    with pytest.raises(ValueError, match=r"unknown task 'x'; known: gsm8k, icot_multiplication, prontoqa"):
         get_task("x")
 
 
@@ -327,3 +327,18 @@ def test_generated_prosqa_has_the_shape_of_the_real_valid_split() -> None:
 def test_prosqa_statistics_of_an_empty_set_is_an_error() -> None:
     with pytest.raises(ValueError, match="no ProsQA items"):
         prosqa_statistics([])
+
+
+def test_gsm8k_lines_give_one_step_per_calculation_or_sentence_and_answers_compare_as_numbers(tmp_path: Path) -> None:
+    from split_model.tasks import GSM8K
+
+    path = tmp_path / "gsm.txt"
+    path.write_text("Tom has 2 + 3 apples. How many?||<<2+3=5>> <<5*1=5>> #### 5\n"
+                    "Ann pays $1,200. Per month?||She pays 1200 / 12 = 100. So 100 a month. #### 1,200\n")
+    first, second = GSM8K(train_path=str(path)).examples("train")
+    assert first.steps == ("2+3=5", "5*1=5") and first.question == "Tom has 2 + 3 apples. How many?"
+    assert second.steps == ("She pays 1200 / 12 = 100.", "So 100 a month.") and second.answer == "1,200"
+    task = GSM8K()
+    assert task.score("1200", second) == task.score("$1200.0", second) == 1.0
+    assert task.score("1201", second) == 0.0 and task.score("twelve hundred", second) == 0.0
+    assert get_task("gsm8k").name == "gsm8k"

@@ -41,6 +41,8 @@ TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "prosqa": ("prosqa.yaml", [], COT),
     "prontoqa": ("prontoqa.yaml", [], COT),
     "icot_4x4": ("icot_mult_4x4.yaml", [], COT),
+    "icot_5x5": ("icot_mult_5x5.yaml", [], COT),
+    "gsm8k": ("gsm8k.yaml", [], COT),
     **{f"gym_{name}": ("reasoning_gym.yaml",
                        [f"--data.task.init_args.dataset={name}", f"--data.task.init_args.config={json.dumps(cfg)}"], None)
        for name, cfg in GYM.items()},

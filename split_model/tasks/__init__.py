@@ -17,12 +17,12 @@ from split_model.tasks.coconut_json import (
     prosqa_statistics,
     write_prosqa,
 )
-from split_model.tasks.icot import IcotMultiplication
+from split_model.tasks.icot import GSM8K, IcotMultiplication
 from split_model.tasks.reasoning_gym import ReasoningGym
 from split_model.tasks.state_tracking import StateTracking
 
 # Keyed by each class's own `name`, so the key and the class cannot disagree.
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (StateTracking, IcotMultiplication, ProsQA, ProntoQA,
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (StateTracking, IcotMultiplication, GSM8K, ProsQA, ProntoQA,
                                                           ReasoningGym)}
 
 
@@ -39,6 +39,7 @@ __all__ = [
     "CoconutJSON",
     "Example",
     "FileTask",
+    "GSM8K",
     "IcotMultiplication",
     "ProntoQA",
     "ProsQA",

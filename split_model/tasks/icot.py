@@ -11,6 +11,7 @@ parentheses); each ` + `-separated term becomes one reasoning step.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from split_model.tasks.base import Example, FileTask
@@ -29,7 +30,24 @@ def parse_icot_line(line: str) -> Example:
     return Example(question=question, steps=steps, answer=answer)
 
 
-def read_icot_file(path: Path) -> list[Example]:
+_CALC = re.compile(r"<<([^<>]*)>>")
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def parse_gsm8k_line(line: str) -> Example:
+    """Parse one GSM8K line of the ICoT format, `QUESTION||COT #### ANSWER`. The chain is either
+    calculations, `<<a*b=c>> <<c+d=e>>` (valid/test files; each is one step, written without
+    the brackets), or sentences (train_no_aug.txt; each sentence is one step)."""
+    ex = parse_icot_line(line)
+    cot = " + ".join(ex.steps)  # parse_icot_line split on " + "; calculations and sentences may contain it
+    calcs = _CALC.findall(cot)
+    steps = calcs if calcs else _SENTENCE_END.split(cot)
+    return Example(question=ex.question, steps=tuple(s.strip() for s in steps if s.strip()), answer=ex.answer)
+
+
+def read_icot_file(path: Path, parse=parse_icot_line) -> list[Example]:
     """Parse every non-empty line of `path`.
 
     Lines are split on "\\n" only: str.splitlines() also breaks on Unicode line
@@ -40,7 +58,7 @@ def read_icot_file(path: Path) -> list[Example]:
         if not line.strip():
             continue
         try:
-            examples.append(parse_icot_line(line))
+            examples.append(parse(line))
         except ValueError as err:
             raise ValueError(f"{path}, line {lineno}: malformed ICoT line ({err}): {line[:80]!r}") from None
     return examples
@@ -53,3 +71,21 @@ class IcotMultiplication(FileTask):
 
     def parse_file(self, path: Path) -> list[Example]:
         return read_icot_file(path)
+
+
+class GSM8K(FileTask):
+    """Grade-school math word problems (GSM8K, the ICoT repository's files): one calculation per
+    step, a number as the answer, compared as numbers (1,000 = 1000 = 1000.0)."""
+
+    name = "gsm8k"
+
+    def parse_file(self, path: Path) -> list[Example]:
+        return read_icot_file(path, parse_gsm8k_line)
+
+    def normalize(self, text: str) -> str:
+        text = super().normalize(text).replace(",", "").removeprefix("$")
+        try:
+            value = float(text)
+        except ValueError:
+            return text
+        return str(int(value)) if value.is_integer() else str(value)
