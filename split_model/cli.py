@@ -194,9 +194,22 @@ def data_main(argv: list[str]) -> None:
             print(f"| {key} | {ours[key]} | {real[key]} |")
 
 
+# What a user's input raises (a wrong path, an unknown backbone, a bad value): one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
-    dispatch(argv)
+    """Console entry point: a user error prints one line and exits with status 1 (the
+    traceback too when SPLIT_MODEL_TRACEBACK=1)."""
+    import os
+
+    try:
+        dispatch(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("SPLIT_MODEL_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"split-model: error: {e} (SPLIT_MODEL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def dispatch(argv: list[str] | None = None):

@@ -258,3 +258,20 @@ def test_data_prosqa_writes_a_set_and_compares_its_statistics_with_a_real_file(t
     with pytest.raises(SystemExit):
         dispatch(["data", "prosqa", "--out", str(tmp_path / "g2.json"), "--compare", str(tmp_path / "nope.json")])
     assert "--compare: no file at" in capsys.readouterr().err and not (tmp_path / "g2.json").exists()
+
+
+def test_a_user_error_is_one_line_and_status_1_with_the_traceback_on_request(tiny, capsys, monkeypatch):
+    from split_model.cli import main
+
+    monkeypatch.chdir(tiny.repo)
+    monkeypatch.setattr(sys, "argv", ["split-model"])
+    argv = ["fit", "--config", "configs/debug.yaml", "--model.memory=gpt-17"]
+    monkeypatch.delenv("SPLIT_MODEL_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("split-model: error: unknown backbone 'gpt-17'") and "Traceback" not in "".join(err)
+    monkeypatch.setenv("SPLIT_MODEL_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="unknown backbone 'gpt-17'"):
+        main(argv)
