@@ -109,6 +109,7 @@ def run(args) -> dict:
         if not args.quick:
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps(out, indent=1) + "\n")
+    partial.unlink(missing_ok=True)  # the final suite.json follows
     return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", **out,
             "scoring": "valid split, exact match of the generated answer (the task's own scorer), with the train "
                        "split's latent count and token budget; accuracy_oracle uses each row's gold latent count",
