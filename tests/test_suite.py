@@ -30,3 +30,24 @@ def test_a_quick_suite_trains_and_scores_each_variant(tiny, tmp_path, monkeypatc
     assert result["memory_params"]["debug"] > 0
     assert (tmp_path / "runs" / "debug-none").is_dir()
     assert "--model.reasoner.feedback=none" in result["commands"]["debug"]["none"]
+
+
+def test_a_suite_of_some_tasks_keeps_the_other_tasks_results(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(suite, "TASKS", {"a": ("debug.yaml", [], None), "b": ("debug.yaml", [], None)})
+    scores = {"a": 0.25, "b": 0.75}
+
+    def fit_and_score(argv):
+        root = next(a for a in argv if a.startswith("--trainer.default_root_dir="))
+        return {"accuracy": scores[root.rsplit("/", 1)[-1].split("-")[0]], "accuracy_oracle": 0.5,
+                "fit_seconds": 1.0, "trainable_params": 10, "memory_params": 20}
+
+    monkeypatch.setattr(suite, "fit_and_score", fit_and_score)
+    monkeypatch.setattr(suite, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(suite, "QUICK", [])
+    bench_main(["suite", "--tasks", "a", "--variants", "all", "--out-dir", str(tmp_path)])
+    bench_main(["suite", "--tasks", "b", "--variants", "all", "--out-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "suite.json").read_text())
+    assert result["tasks"] == {"a": {"all": 0.25}, "b": {"all": 0.75}}
+    assert set(result["commands"]) == {"a", "b"} and not (tmp_path / "suite.partial.json").exists()

@@ -10,6 +10,8 @@ gold chain). Variants:
 
 Runs go to runs/suite/TASK-VARIANT/ in the repository. After every run the results so far are written to
 suite.partial.json next to the final suite.json, so a long suite that stops keeps its numbers.
+A run of some tasks updates their entries in an existing suite.json (suite-cuda.json) and
+keeps the others (each entry's command says how it was made).
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ def run(args) -> dict:
     out: dict = {"tasks": {}, "accuracy_oracle": {}, "trainable_params": {}, "memory_params": {}, "train_seconds": {},
                  "commands": {}}
     partial = Path(args.out_dir) / "suite.partial.json"
+    earlier = Path(args.out_dir) / ("suite.json" if args.device == "cpu" else f"suite-{args.device}.json")
+    if not args.quick and earlier.is_file():  # a suite run for some tasks updates theirs and keeps the rest
+        kept = json.loads(earlier.read_text())
+        out = {key: kept.get(key, {}) for key in out}
     for i, (task, variant, argv) in enumerate(runs):
         argv = [*argv, *device, *(QUICK if args.quick else [])]
         log(f"[{i + 1}/{len(runs)}] {task} {variant}: split-model {' '.join(argv)}")
