@@ -51,3 +51,18 @@ def test_a_suite_of_some_tasks_keeps_the_other_tasks_results(tmp_path, monkeypat
     result = json.loads((tmp_path / "suite.json").read_text())
     assert result["tasks"] == {"a": {"all": 0.25}, "b": {"all": 0.75}}
     assert set(result["commands"]) == {"a", "b"} and not (tmp_path / "suite.partial.json").exists()
+
+
+def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "TASKS", {"bad": ("debug.yaml", [], None), "good": ("debug.yaml", [], None)})
+    monkeypatch.setattr(suite, "RUNS", tmp_path / "runs")
+
+    def fit_and_score(argv):
+        if any(a.endswith("/bad-all") for a in argv):
+            raise ValueError("found only 0 valid questions")
+        return {"accuracy": 0.5, "accuracy_oracle": 0.5, "fit_seconds": 1.0, "trainable_params": 1, "memory_params": 1}
+
+    monkeypatch.setattr(suite, "fit_and_score", fit_and_score)
+    result = bench_main(["suite", "--quick", "--tasks", "bad,good", "--variants", "all", "--out-dir", str(tmp_path)])
+    assert result["tasks"] == {"good": {"all": 0.5}}
+    assert result["failed"] == {"bad": {"all": "ValueError: found only 0 valid questions"}}

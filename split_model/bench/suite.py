@@ -30,7 +30,7 @@ RUNS = ROOT / "runs" / "suite"
 # The reasoning-gym generators of the suite and their sizes (see configs/reasoning_gym.yaml).
 GYM = {
     "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
-    "count_bits": {"min_n": 1, "max_n": 255},
+    "count_bits": {"min_n": 1, "max_n": 65535},  # enough distinct numbers for held-out splits
     "letter_counting": {"min_words": 3, "max_words": 6},
     "leg_counting": {"min_animals": 1, "max_animals": 3, "max_instances": 3},
     "gcd": {"min_value": 1, "max_value": 100},
@@ -104,7 +104,12 @@ def run(args) -> dict:
     for i, (task, variant, argv) in enumerate(runs):
         argv = [*argv, *device, *(QUICK if args.quick else [])]
         log(f"[{i + 1}/{len(runs)}] {task} {variant}: split-model {' '.join(argv)}")
-        r = fit_and_score(argv)
+        try:
+            r = fit_and_score(argv)
+        except (Exception, SystemExit) as e:  # one broken config must not cost the other runs
+            log(f"{task} {variant}: FAILED: {type(e).__name__}: {e}")
+            out.setdefault("failed", {}).setdefault(task, {})[variant] = f"{type(e).__name__}: {e}"
+            continue
         log(f"{task} {variant}: valid accuracy {r['accuracy']} (oracle {r['accuracy_oracle']}) in {r['fit_seconds']} s")
         out["tasks"].setdefault(task, {})[variant] = r["accuracy"]
         out["accuracy_oracle"].setdefault(task, {})[variant] = r["accuracy_oracle"]
