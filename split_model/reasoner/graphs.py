@@ -137,8 +137,9 @@ class GraphedTraining:
 
     def __call__(self, tokens, latent, mem_states, mem_mask, mode: str = "sequential", passes: int = 1) -> torch.Tensor:
         passes = passes if mode == "jacobi" else 1
-        if self.failed or torch.is_autocast_enabled("cuda"):  # the eager path
-            return _Unrolled(self.reasoner, self.bptt_steps, mode, passes)(tokens, latent, mem_states, mem_mask)
+        eager = _Unrolled(self.reasoner, self.bptt_steps, mode, passes)
+        if self.failed or torch.is_autocast_enabled("cuda"):
+            return eager(tokens, latent, mem_states, mem_mask)
         b, t = tokens.shape
         self.rows = max(self.rows, b)
         padded = pad_batch_shape(tokens, latent, mem_states, mem_mask, self.rows, bucket(t, 8),
@@ -147,20 +148,19 @@ class GraphedTraining:
         key = (tuple((x.shape, x.dtype) for x in padded), None if ids is None else ids.data_ptr(), mode, passes)
         graphed = self.graphs.get(key)
         if graphed is None:
-            graphed = self._capture(padded, key, mode, passes)
+            graphed = self._capture(padded, key, eager)
             if graphed is None:
-                return _Unrolled(self.reasoner, self.bptt_steps, mode, passes)(tokens, latent, mem_states, mem_mask)
+                return eager(tokens, latent, mem_states, mem_mask)
         return graphed(*padded)[:b, :t]
 
-    def _capture(self, padded: tuple, key: tuple, mode: str, passes: int):
+    def _capture(self, padded: tuple, key: tuple, module: _Unrolled):
         if len(self.graphs) >= self.max_graphs:
             self.graphs.pop(next(iter(self.graphs)))
         # Built outside the graph's memory pool, and kept alive with it: the graph reads them.
         self.keep_alive.append((self.reasoner.position_tables(padded[0].shape[1], padded[0].device),
                                 self.reasoner.output_ids))
         try:  # a module of its own per shape: capture replaces the module's forward
-            graphed = torch.cuda.make_graphed_callables(_Unrolled(self.reasoner, self.bptt_steps, mode, passes), padded,
-                                                        allow_unused_input=True)
+            graphed = torch.cuda.make_graphed_callables(module, padded, allow_unused_input=True)
         except Exception as e:
             self.failed = True
             warn_once("training", f"CUDA graph capture of the training recurrence failed ({e}); training on "

@@ -31,8 +31,6 @@ def parse_icot_line(line: str) -> Example:
 
 
 _CALC = re.compile(r"<<([^<>]*)>>")
-
-
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -74,8 +72,8 @@ class IcotMultiplication(FileTask):
 
 
 class GSM8K(FileTask):
-    """Grade-school math word problems (GSM8K, the ICoT repository's files): one calculation per
-    step, a number as the answer, compared as numbers (1,000 = 1000 = 1000.0)."""
+    """Grade-school math word problems (GSM8K, the ICoT repository's files): one calculation or
+    sentence per step, a number as the answer, compared as numbers (1,000 = 1000 = 1000.0)."""
 
     name = "gsm8k"
 
