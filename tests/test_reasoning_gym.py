@@ -41,3 +41,10 @@ def test_bad_names_configs_and_too_small_generators_are_refused():
     tiny = ReasoningGym("count_bits", {"min_n": 1, "max_n": 3}, n_train=5, n_valid=10, n_test=0, max_tries=5)
     with pytest.raises(ValueError, match="found only .* valid questions not in earlier splits"):
         tiny.examples("valid")
+
+
+def test_held_out_splits_generate_without_a_train_split():
+    task = ReasoningGym("chain_sum", SMALL, n_train=0, n_valid=5, n_test=5)
+    assert len(task.examples("valid")) == 5 and len(task.examples("test")) == 5
+    with pytest.raises(ValueError, match=r"split 'train' has no examples \(source: reasoning-gym chain_sum with n_train=0\)"):
+        task.examples("train")

@@ -67,17 +67,21 @@ class ReasoningGym(Task):
 
     def examples(self, split: Split) -> list[Example]:
         split = check_split(split)
+        source = f"reasoning-gym {self.dataset} with n_{split}={self.counts[split]}"
+        return require_examples(self._generated(split), self.name, split, source)
+
+    def _generated(self, split: Split) -> list[Example]:
+        """The split's examples, possibly empty (emptiness is checked by `examples`)."""
         if split not in self._cache:
             self._cache[split] = self._generate(split)
-        source = f"reasoning-gym {self.dataset} with n_{split}={self.counts[split]}"
-        return require_examples(self._cache[split], self.name, split, source)
+        return self._cache[split]
 
     def _generate(self, split: Split) -> list[Example]:
         n = self.counts[split]
         if n == 0:
             return []
         earlier: tuple[Split, ...] = {"train": (), "valid": ("train",), "test": ("train", "valid")}[split]
-        seen = {ex.question for s in earlier for ex in self.examples(s)}
+        seen = {ex.question for s in earlier for ex in self._generated(s)}
         size = n if split == "train" else n * self.max_tries
         data, out = self._draw(split, size), []
         for entry in data:  # generated lazily, one entry per index
