@@ -43,9 +43,23 @@ def run_lightning(argv: list[str] | None):
     # The frozen memory is in eval mode on purpose; Lightning warns about every such module.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
-    from split_model.training import SplitModelModule, TaskDataModule
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from split_model.training import SplitModelModule, TaskDataModule, attach_prediction_writer
+    from split_model.training.checkpoints import CHECKPOINT_DEFAULTS, default_checkpoint_dir
 
     class SplitModelCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # Checkpoints for resuming (`fit --ckpt_path last`), configurable as `checkpoint:`.
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(self.subcommand, self.config)
+            if config.get("checkpoint") is not None and config["checkpoint"].get("dirpath") is None:
+                root = config["trainer"].get("default_root_dir") or "."
+                config["checkpoint"]["dirpath"] = default_checkpoint_dir(root)
+
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
             # The data needs the backbone (to cache its states) and the model the data's format.
@@ -61,8 +75,9 @@ def run_lightning(argv: list[str] | None):
             if ckpt and self.trainer.is_global_zero:
                 print(f"checkpoint: {ckpt}", flush=True)
 
-        def after_predict(self) -> None:
-            write_predictions(self.trainer, self.datamodule)
+        def before_predict(self) -> None:
+            # Every process's predictions, gathered, once each, in dataset order.
+            attach_prediction_writer(self.trainer)
 
     return SplitModelCLI(
         SplitModelModule,
@@ -72,22 +87,6 @@ def run_lightning(argv: list[str] | None):
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
     )
-
-
-def write_predictions(trainer, datamodule) -> None:
-    """Write `predict` results as JSON lines next to the run's checkpoints, and their accuracy."""
-    import json
-    from pathlib import Path
-
-    batches = trainer.predict_loop.predictions or []
-    rows = [row for batch in batches for row in batch]
-    if not rows or not trainer.is_global_zero:
-        return
-    out = Path(trainer.default_root_dir) / "predictions.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    acc = sum(r["score"] for r in rows) / len(rows)
-    print(f"{len(rows)} predictions written to {out}; accuracy {acc:.4f}", flush=True)
 
 
 def generate_main(argv: list[str]) -> list[str]:
@@ -194,8 +193,15 @@ def data_main(argv: list[str]) -> None:
             print(f"| {key} | {ours[key]} | {real[key]} |")
 
 
-# What a user's input raises (a wrong path, an unknown backbone, a bad value): one line, not a traceback.
+# What a user's input raises (a wrong path, an unknown backbone, a bad value), and a training
+# run stopped by a NaN: one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, ImportError)
+
+
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    from split_model.training.module import NonFiniteError
+
+    return (*USER_ERRORS, NonFiniteError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         dispatch(argv)
-    except USER_ERRORS as e:
+    except _reported_errors() as e:
         if os.environ.get("SPLIT_MODEL_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"split-model: error: {e} (SPLIT_MODEL_TRACEBACK=1 shows the traceback)", file=sys.stderr)

@@ -54,7 +54,7 @@ def backbone_config(family: str = "llama", n_layers: int | None = None) -> dict:
 def tiny_memory(family: str = "llama", *, n_layers: int | None = None, seed: int = 0, **kwargs):
     from split_model.memory import HFMemory
 
-    return HFMemory(config=backbone_config(family, n_layers), seed=seed, max_length=128, **kwargs)
+    return HFMemory(config=backbone_config(family, n_layers), seed=seed, **{"max_length": 128, **kwargs})
 
 
 def tiny_task(**kwargs):

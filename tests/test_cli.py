@@ -47,12 +47,12 @@ def test_fit_runs_the_debug_config_and_validates(fitted_cli):
     assert 0.0 <= float(trainer.callback_metrics["val/accuracy"]) <= 1.0
     assert fitted_cli.cli.model.reasoner.cfg.feedback == "all"  # from the YAML
     assert len(fitted_cli.cli.datamodule.datasets["train"]) == 64  # from the command line
-    assert list((fitted_cli.root / "logs").rglob("*.ckpt"))
+    assert (fitted_cli.root / "checkpoints" / "last.ckpt").is_file()  # where `--ckpt_path last` looks
     assert list((fitted_cli.root / "cache").rglob("manifest.json"))
 
 
 def test_generate_answers_from_the_fitted_checkpoint(fitted_cli, capsys):
-    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.last_model_path
     questions = [e.question for e in StateTracking(n_items=3, length=3, n_train=4, n_valid=2, n_test=2).examples("test")]
     answers = dispatch(["generate", "--checkpoint", ckpt, "--question", questions[0], "--question", questions[1],
                         "--latent-steps", "3", "--max-new-tokens", "4"])
@@ -62,7 +62,7 @@ def test_generate_answers_from_the_fitted_checkpoint(fitted_cli, capsys):
 
 
 def test_generate_needs_a_question(fitted_cli, capsys):
-    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.last_model_path
     with pytest.raises(SystemExit) as exit_:
         dispatch(["generate", "--checkpoint", ckpt])
     assert exit_.value.code == 2
@@ -101,7 +101,7 @@ def test_fit_trains_with_ddp_in_two_cpu_processes(tiny, tmp_path):
 def test_generate_defaults_to_the_trained_number_of_latent_steps(fitted_cli):
     from split_model.training import load_checkpoint
 
-    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.last_model_path
     model = load_checkpoint(ckpt)
     assert model.formatter.steps == "latent"
     assert model.formatter.default_latent == 3  # every debug game has 3 swaps, one latent step each
@@ -110,7 +110,7 @@ def test_generate_defaults_to_the_trained_number_of_latent_steps(fitted_cli):
 def test_predict_writes_scored_predictions(fitted_cli, tiny, capsys):
     import json
 
-    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.last_model_path
     root = fitted_cli.root
     args = ["predict", "--config", "configs/debug.yaml", "--ckpt_path", ckpt, "--trainer.default_root_dir", str(root),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -138,7 +138,7 @@ def test_a_backbone_is_swapped_by_its_short_name(tiny, tmp_path):
 
 
 def _ckpt_and_questions(fitted_cli, n: int = 5):
-    ckpt = fitted_cli.cli.trainer.checkpoint_callback.best_model_path
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.last_model_path
     task = StateTracking(n_items=3, length=3, n_train=4, n_valid=2, n_test=n)
     return ckpt, [e.question for e in task.examples("test")]
 

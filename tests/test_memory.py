@@ -207,12 +207,25 @@ def _widen_states_to_fp32(entry):
 
 @pytest.mark.parametrize("damage", [_truncate_states, _edit_manifest, _garble_manifest, _drop_offsets,
                                     _widen_states_to_fp32])
-def test_damaged_cache_entry_says_to_delete_it(tiny, tmp_path, damage):
+def test_damaged_cache_entry_is_moved_aside_and_rebuilt(tiny, tmp_path, damage):
+    memory = tiny.memory("llama")
+    first = MemoryCache(tmp_path, memory).get(TEXTS)
+    entry, want = first.path, [first.row(i).clone() for i in range(len(TEXTS))]
+    del first
+    damage(entry)
+    with pytest.warns(UserWarning, match="is rebuilt") as caught:
+        again = MemoryCache(tmp_path, memory).get(TEXTS)
+    assert str(entry) in str(caught[0].message)
+    assert again.path == entry and all(torch.equal(again.row(i), w) for i, w in enumerate(want))
+
+
+@pytest.mark.parametrize("damage", [_truncate_states, _garble_manifest])
+def test_a_waiting_process_refuses_a_damaged_entry(tiny, tmp_path, damage):
     memory = tiny.memory("llama")
     entry = MemoryCache(tmp_path, memory).get(TEXTS).path
     damage(entry)
-    with pytest.raises(ValueError, match="delete") as err:
-        MemoryCache(tmp_path, memory).get(TEXTS)
+    with pytest.raises(ValueError, match="delete that directory") as err:
+        MemoryCache(tmp_path, memory).wait(TEXTS, timeout_s=1)
     assert str(entry) in str(err.value)
 
 

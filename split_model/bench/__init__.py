@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from split_model import files
+
 BENCHES: dict[str, str] = {
     # name -> module:function, imported only when run
     "speed": "split_model.bench.speed:run",
@@ -84,8 +86,7 @@ def bench_main(argv: list[str]) -> dict:
     if not args.quick:
         suffix = "" if args.device == "cpu" else f"-{args.device}"
         out = Path(args.out_dir) / f"{args.name}{suffix}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
+        files.write_text(out, json.dumps(record, indent=1) + "\n")
         log(f"wrote {out}")
     print(json.dumps(record))
     return record

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from split_model import files
 from split_model.bench import log
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and runs/ live there
@@ -119,7 +120,7 @@ def run(args) -> dict:
         out["commands"].setdefault(task, {})[variant] = "split-model " + " ".join(argv)
         if not args.quick:
             partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(out, indent=1) + "\n")
+            files.write_text(partial, json.dumps(out, indent=1) + "\n")
     partial.unlink(missing_ok=True)  # the final suite.json follows
     return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", **out,
             "scoring": "valid split, exact match of the generated answer (the task's own scorer), with the train "

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ PACKAGED = {
 # Precision the memory computes in; "auto" picks per device (see `encode_dtype`).
 EncodeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a memory input longer than `max_length` gets: cut to it, or refused.
+LongInputs = Literal["truncate", "error"]
+# Config keys that bound the positions a backbone can read, by family (gpt2: n_positions).
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # Config keys that change with library versions or load paths but not with the model.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
 
@@ -79,7 +84,11 @@ class HFMemory(nn.Module):
             is set to the byte tokenizer's.
         layers: which hidden states to read: 0 is the embedding output, -1 the final layer.
             The backbone is cut after the deepest one.
-        max_length: longest context in tokens; longer contexts are truncated.
+        max_length: longest context in tokens, the backbone's special tokens included; at
+            most the backbone's positions (e.g. max_position_embeddings, gpt2's n_positions).
+        long_inputs: what a context longer than `max_length` gets. "truncate": it is cut to
+            `max_length`, with one warning per data set (how many inputs were cut, the longest
+            length). "error": ValueError naming the data set, the row and its length.
         seed: seed of the random weights of an inline config.
     """
 
@@ -90,13 +99,26 @@ class HFMemory(nn.Module):
         layers: list[int] | None = None,
         max_length: int = 512,
         seed: int = 0,
+        long_inputs: LongInputs = "truncate",
     ):
         super().__init__()
         if (name is None) == (config is None):
             raise ValueError("HFMemory needs exactly one of `name` (a packaged model or path) or `config`")
-        self.spec = {"name": name, "config": config, "layers": [-1] if layers is None else list(layers), "max_length": max_length, "seed": seed}
-        self.max_length = max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"HFMemory max_length must be a positive number of tokens, got {max_length!r}: "
+                             "set model.memory.init_args.max_length")
+        if long_inputs not in ("truncate", "error"):
+            raise ValueError(f"HFMemory long_inputs must be truncate or error, got {long_inputs!r}")
+        # long_inputs only decides whether an input is refused, never the states: not in the fingerprint.
+        self.spec = {"name": name, "config": config, "layers": [-1] if layers is None else list(layers),
+                     "max_length": max_length, "seed": seed, "long_inputs": long_inputs}
+        self.max_length, self.long_inputs = max_length, long_inputs
         model, self.tokenizer, self.path = _load(name, config, seed)
+        self._positions = _position_limit(model)
+        if self._positions is not None and max_length > self._positions[0]:
+            limit, key = self._positions
+            raise ValueError(f"HFMemory max_length={max_length} exceeds the backbone's {limit} positions ({key}): "
+                             f"set model.memory.init_args.max_length to at most {limit}")
         n_layers = model.config.num_hidden_layers
         self.layers = _resolve_layers(self.spec["layers"], n_layers)
         self._use_last_hidden = self.layers == [n_layers]
@@ -171,14 +193,37 @@ class HFMemory(nn.Module):
             states = torch.stack([out.hidden_states[i] for i in self.layers], dim=2)
         return MemoryStates(states=states.float(), mask=attention_mask.bool())
 
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded (input_ids, attention_mask), each (B, N)."""
-        ids = [self.tokenizer.encode_context(t, self.max_length) for t in texts]
-        return pad_batch(ids, self.tokenizer.pad_id)
+    def context_ids(self, texts: list[str], desc: str = "the memory inputs") -> list[list[int]]:
+        """Token ids of each text as the memory reads it, with the `long_inputs` policy applied
+        to texts longer than `max_length`; `desc` names the data set in warnings and errors."""
+        ids, n_cut, longest = [], 0, 0
+        for i, text in enumerate(texts):
+            row, n = self.tokenizer.encode_context_and_length(text, self.max_length)
+            if n > self.max_length:
+                if self.long_inputs == "error":
+                    most = "" if self._positions is None else f" (the backbone allows up to {self._positions[0]})"
+                    raise ValueError(
+                        f"row {i} (0-based) of {desc} is {n} tokens long, over the memory's max_length="
+                        f"{self.max_length}: shorten it, raise model.memory.init_args.max_length{most}, "
+                        "or set model.memory.init_args.long_inputs=truncate to cut it"
+                    )
+                n_cut, longest = n_cut + 1, max(longest, n)
+            ids.append(row)
+        if n_cut:
+            warnings.warn(
+                f"{n_cut:,} of the {len(texts):,} inputs of {desc} are longer than the memory's max_length="
+                f"{self.max_length} tokens (the longest has {longest:,}) and were truncated to it; set "
+                "model.memory.init_args.long_inputs=error to refuse them instead", stacklevel=2)
+        return ids
 
-    def encode_texts(self, texts: list[str], dtype: EncodeDtype = "auto") -> MemoryStates:
+    def tokenize(self, texts: list[str], desc: str = "the memory inputs") -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (input_ids, attention_mask), each (B, N), of `context_ids(texts, desc)`."""
+        return pad_batch(self.context_ids(texts, desc), self.tokenizer.pad_id)
+
+    def encode_texts(self, texts: list[str], dtype: EncodeDtype = "auto",
+                     desc: str = "the memory inputs") -> MemoryStates:
         """Tokenize and encode on the backbone's device, in the precision the cache would use there."""
-        ids, mask = self.tokenize(texts)
+        ids, mask = self.tokenize(texts, desc)
         return self.encode(ids.to(self.device), mask.to(self.device), dtype=encode_dtype(self.device, dtype))
 
 
@@ -265,6 +310,22 @@ def _gguf_to_local(gguf: Path) -> Path:
     tok.save_pretrained(tmp)
     tmp.rename(target)
     return target
+
+
+# -- positions -----------------------------------------------------------------------------------
+def _position_limit(model: nn.Module) -> tuple[int, str] | None:
+    """How many tokens the backbone can read at once, and the config key that says so; None
+    when its config sets no limit."""
+    cfg = model.config.to_dict()
+    for key in _POSITION_KEYS:
+        limit = cfg.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            # RoBERTa-style tables start counting positions after the padding id.
+            table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+            if isinstance(table, nn.Embedding) and table.padding_idx is not None and table.num_embeddings == limit:
+                limit -= table.padding_idx + 1
+            return limit, key
+    return None
 
 
 # -- cutting and fingerprinting ---------------------------------------------------------------

@@ -7,15 +7,16 @@ fp32; rows are read back as fp32), plus row offsets and a manifest. The backbone
 the device it is given, longest rows first, in batches of about `tokens_per_batch` padded
 tokens. Entries are written to a temporary directory and renamed into place, so a crash or
 a second process never leaves a half-written entry behind, and a process that must not
-encode can `wait` for another one's entry by watching the file system.
+encode can `wait` for another one's entry by watching the file system. An entry that fails
+its checks when opened (a damaged file, a manifest that disagrees with its data) is moved
+aside and rebuilt, never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-import os
-import shutil
 import sys
 import time
 import warnings
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from split_model import files
 from split_model.memory.backbone import EncodeDtype, HFMemory, encode_dtype, pad_batch
 
 FORMAT_VERSION = 2  # 2: float16 states, precision in the key (1 was float32)
@@ -91,18 +93,29 @@ class MemoryCache:
         self.dtype = encode_dtype(self.device, dtype)
 
     def key(self, token_ids: list[list[int]]) -> str:
-        h = hashlib.sha256(f"v{FORMAT_VERSION}:{self.memory.fingerprint}:{self.dtype}".encode())
+        """Hash of everything the states depend on: the format, the backbone's weights and
+        layer choice (its fingerprint), the precision, the code that extracts the states, and
+        the exact token ids read (so the data, the tokenizer and max_length)."""
+        h = hashlib.sha256(f"v{FORMAT_VERSION}:{self.memory.fingerprint}:{self.dtype}:{extraction_code()}".encode())
         for ids in token_ids:
             h.update(np.asarray(ids, dtype=np.int64).tobytes())
             h.update(b"|")
         return h.hexdigest()[:24]
 
     def get(self, texts: list[str], desc: str = "memory") -> CachedStates:
-        """States for `texts`, computed by the backbone only if no entry exists."""
+        """States for `texts`, computed by the backbone only if no entry exists. An entry
+        that fails its checks (a damaged file, a manifest that disagrees with the data or
+        the backbone) is moved aside under a `.damaged-` name, with a warning, and rebuilt."""
         ids, path = self._entry(texts, desc)
-        if not (path / "manifest.json").exists():
-            self._build(ids, path, desc)
-        return _open(path, expected_rows=len(ids))
+        if path.exists():
+            try:
+                return _open(path, expected_rows=len(ids), fingerprint=self.memory.fingerprint)
+            except ValueError as e:
+                aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                path.rename(aside)
+                warnings.warn(f"{e}; it was moved to {aside} and is rebuilt", stacklevel=2)
+        self._build(ids, path, desc)
+        return _open(path, expected_rows=len(ids), fingerprint=self.memory.fingerprint)
 
     def wait(self, texts: list[str], desc: str = "memory", timeout_s: float = 600.0,
              poll_s: float = 1.0) -> CachedStates:
@@ -123,28 +136,29 @@ class MemoryCache:
                     "if encoding is just slow, raise the wait (TaskDataModule cache_wait_s)."
                 )
             time.sleep(min(poll_s, left))
-        return _open(path, expected_rows=len(ids))
+        try:
+            return _open(path, expected_rows=len(ids), fingerprint=self.memory.fingerprint)
+        except ValueError as e:  # rebuilding is the writing process's job (`get`)
+            raise ValueError(f"{e}: delete that directory to have it rebuilt") from e
 
     def _entry(self, texts: list[str], desc: str) -> tuple[list[list[int]], Path]:
         if not texts:
             raise ValueError(f"cannot cache memory states of an empty data set ({desc})")
-        ids = [self.memory.tokenizer.encode_context(t, self.memory.max_length) for t in texts]
+        ids = self.memory.context_ids(texts, desc)  # the memory's long_inputs policy applies here
         return ids, self.root / self.memory.fingerprint[:16] / self.key(ids)
 
     def _build(self, ids: list[list[int]], path: Path, desc: str) -> None:
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = files.temporary_name(path)  # unique across processes and hosts sharing the directory
         tmp.mkdir(parents=True)
         try:
             self._write(tmp, ids, desc)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed encoding leaves nothing behind
+            files.remove(tmp)  # a failed encoding leaves nothing behind
             raise
         try:
             tmp.rename(path)
         except OSError:  # another process finished the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
-
+            files.remove(tmp)
     def _write(self, tmp: Path, ids: list[list[int]], desc: str) -> None:
         """states.npy, offsets.npy and manifest.json of an entry, into `tmp`."""
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
@@ -195,20 +209,53 @@ class MemoryCache:
         return real.clamp(-FP16_MAX, FP16_MAX).half().cpu().numpy(), n_big, peak
 
 
-def _open(path: Path, expected_rows: int) -> CachedStates:
+def extraction_code() -> str:
+    """Hash of the source of the code that turns token ids into stored states: a change to it
+    makes new cache keys, so states computed by older code are never read back."""
+    from split_model.memory import backbone
+
+    parts = [backbone.HFMemory.encode, backbone.pad_batch, MemoryCache._encode_batch, MemoryCache._encode_into]
+    try:
+        source = "".join(inspect.getsource(f) for f in parts)
+    except (OSError, TypeError):  # no source files (a frozen install): the format version alone
+        source = ""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _open(path: Path, expected_rows: int, fingerprint: str | None = None) -> CachedStates:
+    """An entry, memory-mapped, after checking its manifest against its files (and the
+    backbone's fingerprint when given). ValueError names what is wrong."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         states = np.load(path / "states.npy", mmap_mode="r")
         offsets = np.load(path / "offsets.npy")
-        ok = (
-            manifest.get("version") == FORMAT_VERSION
-            and states.dtype == np.float16
-            and manifest["rows"] == expected_rows == len(offsets) - 1
-            and states.shape == (manifest["tokens"], manifest["num_states"], manifest["hidden_size"])
-            and offsets[-1] == states.shape[0]
-        )
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"memory cache entry {path} is unreadable ({e}); delete that directory to rebuild it") from e
-    if not ok:
-        raise ValueError(f"memory cache entry {path} is inconsistent with its manifest; delete it to rebuild it")
+    except (OSError, ValueError, EOFError) as e:  # missing, truncated, or not numpy/JSON at all
+        raise ValueError(f"memory cache entry {path} is unreadable ({e})") from e
+    problems = _manifest_problems(manifest, states, offsets, expected_rows, fingerprint)
+    if problems:
+        raise ValueError(f"memory cache entry {path} is inconsistent: {'; '.join(problems)}")
     return CachedStates(states=states, offsets=offsets, path=path)
+
+
+def _manifest_problems(manifest, states: np.ndarray, offsets: np.ndarray, expected_rows: int,
+                       fingerprint: str | None) -> list[str]:
+    if not isinstance(manifest, dict):
+        return [f"the manifest is a JSON {type(manifest).__name__}, not an object"]
+    want = {"version": int, "fingerprint": str, "rows": int, "tokens": int, "num_states": int, "hidden_size": int}
+    wrong = [k for k, t in want.items() if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
+    if wrong:
+        return [f"manifest fields missing or of the wrong type: {', '.join(wrong)}"]
+    checks = [
+        (manifest["version"] == FORMAT_VERSION, f"format version {manifest['version']}, expected {FORMAT_VERSION}"),
+        (fingerprint is None or manifest["fingerprint"] == fingerprint, "written by another backbone"),
+        (manifest["rows"] == expected_rows, f"{manifest['rows']} rows, the data set has {expected_rows}"),
+        (offsets.ndim == 1 and len(offsets) == manifest["rows"] + 1, "row offsets do not match the row count"),
+        (states.dtype == np.float16, f"states stored as {states.dtype}, expected float16"),
+        (states.shape == (manifest["tokens"], manifest["num_states"], manifest["hidden_size"]),
+         f"states of shape {states.shape}, the manifest says "
+         f"{(manifest['tokens'], manifest['num_states'], manifest['hidden_size'])}"),
+    ]
+    problems = [msg for ok, msg in checks if not ok]
+    if not problems and (offsets[0] != 0 or offsets[-1] != states.shape[0] or bool((np.diff(offsets) < 0).any())):
+        problems.append("row offsets are not increasing from 0 to the number of stored tokens")
+    return problems

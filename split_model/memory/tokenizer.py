@@ -20,7 +20,10 @@ class TextTokenizer(Protocol):
         """Token ids of `text` without special tokens (reasoner targets)."""
 
     def encode_context(self, text: str, max_length: int) -> list[int]:
-        """Token ids of a memory input, with the backbone's own special tokens."""
+        """Token ids of a memory input, with the backbone's own special tokens, cut to `max_length`."""
+
+    def encode_context_and_length(self, text: str, max_length: int) -> tuple[list[int], int]:
+        """`encode_context`'s ids, and how many tokens the input has before the cut."""
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -36,6 +39,10 @@ class ByteTokenizer:
 
     def encode_context(self, text: str, max_length: int) -> list[int]:
         return self.encode(text)[:max_length]
+
+    def encode_context_and_length(self, text: str, max_length: int) -> tuple[list[int], int]:
+        ids = self.encode(text)
+        return ids[:max_length], len(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -60,6 +67,14 @@ class HFTokenizer:
 
     def encode_context(self, text: str, max_length: int) -> list[int]:
         return self.hf(text, truncation=True, max_length=max_length)["input_ids"]
+
+    def encode_context_and_length(self, text: str, max_length: int) -> tuple[list[int], int]:
+        """Tokenizes once for an input that fits; a longer one is tokenized again with the
+        backbone's own truncation, which keeps its special tokens."""
+        ids = self.hf(text, verbose=False)["input_ids"]  # verbose=False: no "longer than the model" warning
+        if len(ids) <= max_length:
+            return ids, len(ids)
+        return self.encode_context(text, max_length), len(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)

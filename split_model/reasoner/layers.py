@@ -206,16 +206,25 @@ class FactorisedEmbedding(nn.Module):
     """Token embedding (V, r) @ (r, d), tied with the output head.
 
     Large backbone vocabularies (49k for SmolLM2) would dominate a small reasoner; rank r
-    keeps both the parameters and the per-step logits cheap. The (V, r) table starts from
-    the top-r principal components of the backbone's own embeddings when given.
+    keeps both the parameters and the per-step logits cheap. The (V, r) table has exactly
+    `vocab_size` rows, one per tokenizer id. With `init_from` (the backbone's (V', D)
+    embeddings) it starts from their top-r principal components: a backbone padded past the
+    tokenizer (V' > V, rows rounded up to a multiple of 64) gives its first V rows, and the
+    padding rows, which no token uses, take no part; ids the backbone has no row for
+    (V' < V, tokens added to the tokenizer) start at the mean row plus small random offsets
+    (norm ~0.1 against ~1 for the others), so that they differ from each other.
     """
 
     def __init__(self, vocab_size: int, cfg: ReasonerConfig, init_from: torch.Tensor | None = None):
         super().__init__()
         r = cfg.embed_rank
-        self.table = nn.Parameter(_pca_table(init_from, r) if init_from is not None else torch.randn(vocab_size, r) / r**0.5)
-        if self.table.shape[0] != vocab_size:
-            raise ValueError(f"embedding init has {self.table.shape[0]} rows but the tokenizer has {vocab_size} ids")
+        if init_from is None:
+            table = torch.randn(vocab_size, r) / r**0.5
+        else:
+            table = _pca_table(init_from[:vocab_size], r)
+            if table.shape[0] < vocab_size:
+                table = torch.cat([table, _extra_rows(table, vocab_size - table.shape[0])])
+        self.table = nn.Parameter(table)
         self.up = nn.Parameter(torch.randn(cfg.d_model, r) / cfg.d_model**0.5)  # (d, r)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -223,6 +232,16 @@ class FactorisedEmbedding(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return (h @ self.up) @ self.table.T  # (..., d) -> (..., r) -> (..., V)
+
+
+def _extra_rows(table: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, r) rows for ids without a backbone row: the mean row plus offsets of norm ~0.1.
+
+    Drawn from a private generator, so the caller's random stream is left as it was.
+    """
+    r = table.shape[1]
+    noise = torch.randn(n, r, generator=torch.Generator().manual_seed(0)) * (0.1 / r**0.5)
+    return table.mean(0, keepdim=True) + noise.to(table.device)
 
 
 def _pca_table(emb: torch.Tensor, r: int) -> torch.Tensor:

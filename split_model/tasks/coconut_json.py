@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from split_model import files
 from split_model.tasks.base import Example, FileTask, Split, require_examples
 
 # ---------------------------------------------------------------------------
@@ -377,5 +378,5 @@ def write_prosqa(path: str | Path, n: int, seed: int = 0, config: ProsQAGenConfi
     """Generate `n` items and write them as one JSON list to `path` (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(generate_prosqa(n, seed, config)), encoding="utf-8")
+    files.write_text(path, json.dumps(generate_prosqa(n, seed, config)))
     return path

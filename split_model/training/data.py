@@ -12,6 +12,7 @@ encode: they wait for rank 0's cache entry to appear on disk.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from split_model.memory import CachedStates, EncodeDtype, HFMemory, MemoryCache, cache_root
 from split_model.tasks import Example, Split, Task
@@ -112,6 +113,68 @@ class Examples:
         return self.items[i]
 
 
+class EpochSampler(Sampler[int]):
+    """Indices of a data set in an order fixed by (seed, epoch): epoch e is shuffled the same
+    way in every run, and a resumed run can start part-way into an epoch (`resume_at`).
+    Lightning calls `set_epoch` at the start of every training epoch."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, first position) for the next pass
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        """The next pass over `epoch` starts at `position` of its order (one pass only)."""
+        self._resume = (epoch, position)
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __iter__(self):
+        start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
+        return iter(self.order(self.epoch)[start:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an `EpochSampler` whose place in the epoch Lightning saves in every
+    checkpoint (`state_dict`: the epoch and how many batches it has handed out): a run
+    resumed from a checkpoint written part-way through an epoch continues with the next
+    batch of the same order, so it trains on exactly what an uninterrupted run would."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delivered = 0  # batches handed out in the current epoch (counting any skipped on resume)
+        self._start_batch = 0  # where the next pass starts, set by load_state_dict
+
+    def __iter__(self):
+        self.delivered, self._start_batch = self._start_batch, 0
+        for batch in super().__iter__():
+            self.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self.delivered, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if state.get("seed", self.sampler.seed) != self.sampler.seed:
+            raise ValueError(f"the checkpoint's data order was shuffled with seed {state['seed']}, this run's with "
+                             f"{self.sampler.seed}: resume with the same data.shuffle_seed (or seed_everything)")
+        if 0 < batches < len(self):  # written part-way through an epoch
+            self.sampler.resume_at(epoch, batches * self.batch_size)
+            self._start_batch = batches
+
+
 class TaskDataModule(LightningDataModule):
     """Batches of a task for the split model.
 
@@ -129,6 +192,8 @@ class TaskDataModule(LightningDataModule):
         tokens_per_batch: padded tokens per batch while the memory encodes a split.
         cache_wait_s: under DDP, how long the ranks that do not encode wait in `setup` for the
             states that rank 0 writes (keep it under the 30-minute collective timeout).
+        shuffle_seed: seed of the training order (epoch e is shuffled by (seed, e), so a run
+            resumed mid-epoch continues the same order); None: the run's seed_everything value.
     """
 
     def __init__(
@@ -142,6 +207,7 @@ class TaskDataModule(LightningDataModule):
         memory_dtype: EncodeDtype = "auto",
         tokens_per_batch: int = 16384,
         cache_wait_s: float = 600.0,
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         if batch_size <= 0:
@@ -151,6 +217,7 @@ class TaskDataModule(LightningDataModule):
         self.task, self.steps, self.latent_steps = task, steps, latent_steps
         self.batch_size, self.num_workers = batch_size, num_workers
         self.memory_dtype, self.tokens_per_batch, self.cache_wait_s = memory_dtype, tokens_per_batch, cache_wait_s
+        self.shuffle_seed = shuffle_seed
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "memory"
         self.memory: HFMemory | None = None
         self.formatter: Formatter | None = None
@@ -162,9 +229,16 @@ class TaskDataModule(LightningDataModule):
         self.formatter = Formatter(model.memory.tokenizer, self.steps, self.latent_steps)
         model.connect_data(self.formatter, self.task)
 
-    def _cache(self) -> MemoryCache:
+    def _connected(self) -> None:
+        """Connect to the trainer's model if nobody did (a plain `Trainer.fit(model, datamodule=...)`)."""
         if self.memory is None:
-            raise RuntimeError("TaskDataModule.connect(model) must be called before the data is prepared")
+            model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+            if model is None or not hasattr(model, "connect_data"):
+                raise RuntimeError("TaskDataModule.connect(model) must be called before the data is prepared")
+            self.connect(model)
+
+    def _cache(self) -> MemoryCache:
+        self._connected()
         return MemoryCache(self.cache_dir, self.memory, device=self._device(), dtype=self.memory_dtype,
                            tokens_per_batch=self.tokens_per_batch)
 
@@ -222,7 +296,15 @@ class TaskDataModule(LightningDataModule):
                           num_workers=self.num_workers, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled batches of the train split, resumable mid-epoch in one process. Under
+        several processes Lightning shards them with its DistributedSampler (shuffled by
+        epoch); a run resumed there restarts the interrupted epoch."""
+        if getattr(self.trainer, "world_size", 1) > 1:
+            return self._loader("train", shuffle=True)
+        seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        data = self.datasets["train"]
+        return ResumableLoader(data, batch_size=self.batch_size, sampler=EpochSampler(len(data), seed),
+                               num_workers=self.num_workers, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", shuffle=False)

@@ -14,18 +14,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from split_model.memory import HFMemory
 from split_model.reasoner import Reasoner, ReasonerConfig, Sampling
 from split_model.reasoner.graphs import GraphedTraining
 from split_model.tasks import Task
+from split_model.training.checkpoints import use_atomic_checkpoints
 from split_model.training.distributed import ignore_frozen_memory
 from split_model.training.format import IGNORE, Formatter
 from split_model.training.report import TestReport, markdown_table
 
 CKPT_KEY = "split_model"
 FALLBACK_BUDGET = 64  # tokens written in evaluation when neither max_new_tokens nor the train split says
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a NaN or infinite loss or gradient (with `nonfinite: stop`)."""
 
 
 class SplitModelModule(LightningModule):
@@ -68,6 +73,11 @@ class SplitModelModule(LightningModule):
             seconds of compilation per batch and memory shape: for long generations; see
             README "Speed"). static: the fixed-shape path, never captured. dynamic: the
             reference implementation (caches grown step by step, unfused optimizer), for comparison.
+        nonfinite: what a NaN or infinite loss or gradient does. stop: training ends with an
+            error naming the step, before that step changes the weights, so the last checkpoint
+            written stays good; skip: the batch is skipped (no optimizer update; counted in
+            train/skipped_batches) and training goes on; off: no check. The check reads one
+            value on the host per step (on a GPU that is a synchronisation; `off` removes it).
         matmul_precision: float32 matmul precision set on a CUDA device at setup
             (torch.set_float32_matmul_precision): "high" (TF32 tensor cores, measured faster
             for training), "highest" (full fp32) or "medium". Ignored on CPU.
@@ -88,6 +98,7 @@ class SplitModelModule(LightningModule):
         training_mode: Literal["sequential", "jacobi", "off"] = "sequential",
         jacobi_passes: int = 4,
         halting_weight: float = 0.5,
+        nonfinite: Literal["stop", "skip", "off"] = "stop",
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
@@ -102,6 +113,8 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"jacobi_passes must be at least 1, got {jacobi_passes}")
         if halting_weight < 0:
             raise ValueError(f"halting_weight must be >= 0, got {halting_weight}")
+        if nonfinite not in ("stop", "skip", "off"):
+            raise ValueError(f"nonfinite must be one of stop, skip, off; got {nonfinite!r}")
         if matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
         self.save_hyperparameters(ignore=["memory"])
@@ -119,6 +132,8 @@ class SplitModelModule(LightningModule):
         # What training runs now: the configured mode, until a Curriculum changes it.
         self.training_mode, self.jacobi_passes = training_mode, jacobi_passes
         self.grad_probe: list[torch.Tensor] | None = None  # per-position input gradients (stability logging)
+        self._loss: torch.Tensor | None = None  # this step's training loss, checked before the optimizer step
+        self.skipped_batches = 0  # batches skipped for a non-finite loss or gradient (nonfinite: skip)
         rank_zero_info(self.describe())
 
     def describe(self) -> str:
@@ -132,6 +147,7 @@ class SplitModelModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         ignore_frozen_memory(self)  # before any DDP wrapping: the frozen backbone has no gradients to sync
+        use_atomic_checkpoints(self.trainer.strategy)
         if self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         data = getattr(self.trainer, "datamodule", None)
@@ -280,6 +296,7 @@ class SplitModelModule(LightningModule):
         self.reasoner.input_grad_hook = self.grad_probe.append if probe else None
         loss, acc, _ = self._forward(batch)
         self.reasoner.input_grad_hook = None
+        self._loss = loss.detach()
         b = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
@@ -302,11 +319,38 @@ class SplitModelModule(LightningModule):
             self.log(f"train/grad_norm_depth_{start}", per_step[start : start + width].sum().sqrt())
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if not self._diagnostics_now():
+        """Checks the step's loss and gradients (see `nonfinite`) and logs the gradient norm
+        before clipping (Lightning clips after this hook)."""
+        diagnostics, check = self._diagnostics_now(), self.hparams.nonfinite != "off"
+        if not (diagnostics or check):
             return
-        grads = [p.grad.detach().norm() for p in self.reasoner.parameters() if p.grad is not None]
-        if grads:  # norm before clipping: Lightning clips after this hook
-            self.log("train/grad_norm", torch.stack(grads).norm())
+        grads = [p.grad.detach() for p in self.reasoner.parameters() if p.grad is not None]
+        norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros(())
+        if check:
+            loss = self._loss if self._loss is not None else torch.zeros((), device=norm.device)
+            if not bool(torch.isfinite(loss) & torch.isfinite(norm)):  # one host read per step
+                self._nonfinite(optimizer, float(loss), float(norm))
+                return
+        if diagnostics and grads:
+            self.log("train/grad_norm", norm)
+
+    def _nonfinite(self, optimizer, loss: float, grad_norm: float) -> None:
+        """A NaN/inf loss or gradient at this step: stop before the update, or skip it."""
+        step = self.trainer.global_step
+        what = f"loss {loss}, gradient norm {grad_norm}"
+        if self.hparams.nonfinite == "skip":
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # the optimizer leaves parameters without gradients untouched
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            rank_zero_warn(f"skipped the batch of optimizer step {step}: {what}")
+            return
+        kept = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise NonFiniteError(
+            f"non-finite values at optimizer step {step} (epoch {self.current_epoch}): {what}. Training stopped "
+            f"before this step changed the weights; the last checkpoint is kept: {kept}. Lower the learning rate, "
+            "clip gradients (trainer.gradient_clip_val), or set model.nonfinite: skip to skip such batches.")
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         loss, acc, mem = self._forward(batch)  # no graphs in evaluation (no grad): mem is set
@@ -402,10 +446,14 @@ class SplitModelModule(LightningModule):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        fmt = self.formatter.spec if self.formatter is not None else self._format_spec
+        if fmt is None:
+            raise RuntimeError("cannot checkpoint a model that has no output format: connect it to its data "
+                               "(TaskDataModule.connect(model), or train with datamodule=TaskDataModule(...))")
         checkpoint[CKPT_KEY] = {
             "memory_spec": self.memory.spec, "fingerprint": self.memory.fingerprint,
             "reasoner": asdict(self.reasoner.cfg),
-            "format": self.formatter.spec if self.formatter is not None else self._format_spec,
+            "format": fmt,
             "output_ids": None if self.reasoner.output_ids is None else self.reasoner.output_ids.tolist(),
         }
         # Lightning reads `ckpt_path` with torch.load(weights_only=True), which refuses pickled
@@ -446,25 +494,30 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
 
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {e}. Is it a complete .ckpt file written by `split-model fit`?") from e
+    try:  # weights_only: tensors and plain data only; a pickled object is refused, never run
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated, foreign or unsafe files
+        reason = str(e).split("\n")[0][:300]
+        raise ValueError(f"cannot read checkpoint {path}: {reason}. A split_model checkpoint is a complete .ckpt "
+                         "file written by `split-model fit` and holds only tensors and plain data") from e
     info = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
-    if info is None or "state_dict" not in ckpt:
+    if not isinstance(info, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a split_model checkpoint (no '{CKPT_KEY}' entry)")
+    missing = [k for k in ("memory_spec", "fingerprint", "reasoner", "format") if not info.get(k)]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}: without them its answers cannot be "
+                         "decoded as it was trained; retrain, or save it from a model connected to its data")
     memory = memory or HFMemory(**info["memory_spec"])
     hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in _HPARAMS}
     module = SplitModelModule(memory=memory, **{**hp, "reasoner": ReasonerConfig(**info["reasoner"])})
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])
-    fmt = info.get("format") or {"steps": "none", "latent_steps": 0}
-    module.formatter = Formatter(memory.tokenizer, **fmt)
+    module.formatter = Formatter(memory.tokenizer, **info["format"])
     return module.eval()
 
 
 _RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key -> new
 _NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
-            "matmul_precision", "training_mode", "jacobi_passes", "halting_weight")
+            "matmul_precision", "training_mode", "jacobi_passes", "halting_weight", "nonfinite")
 TRAINING_MODES = ("sequential", "jacobi", "off")

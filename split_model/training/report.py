@@ -8,10 +8,10 @@ tokens written) and `summary.json` into the run's log directory and prints a mar
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from split_model import files
 from split_model.tasks import Example, Task
 
 
@@ -49,8 +49,8 @@ class TestReport:
         directory.mkdir(parents=True, exist_ok=True)
         suffix = f".rank{rank}" if world_size > 1 else ""
         summary = self.summary()
-        _write_atomic(directory / f"predictions{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
-        _write_atomic(directory / f"summary{suffix}.json", json.dumps(summary, indent=1) + "\n")
+        files.write_text(directory / f"predictions{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        files.write_text(directory / f"summary{suffix}.json", json.dumps(summary, indent=1) + "\n")
         return summary
 
 
@@ -59,8 +59,3 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
                       "| " + " | ".join(str(summary[k]) for k in keys) + " |"])
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
