@@ -204,6 +204,17 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
     return (*USER_ERRORS, NonFiniteError)
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line. A config value that fails every type of a union
+    (e.g. `memory: HFMemory | str`) reports each type's error: keep the ones that say why."""
+    text = str(error)
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        reasons = [line.strip()[2:] for line in text.splitlines()
+                   if line.strip().startswith("- ") and not line.strip().startswith("- Expected a")]
+        text = "; ".join(reasons) or text
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: a user error prints one line and exits with status 1 (the
     traceback too when SPLIT_MODEL_TRACEBACK=1)."""
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     except _reported_errors() as e:
         if os.environ.get("SPLIT_MODEL_TRACEBACK", "") not in ("", "0"):
             raise
-        print(f"split-model: error: {e} (SPLIT_MODEL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(f"split-model: error: {one_line(e)} (SPLIT_MODEL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -491,15 +491,21 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
     Refuses a file that is not a split_model checkpoint and a backbone whose fingerprint differs.
     """
     import pathlib
+    import re
+    import zipfile
 
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"cannot read checkpoint {path}: it is not a complete torch checkpoint (a .ckpt file written "
+                         "by `split-model fit` is a zip archive; this file is another kind, or cut short)")
     try:  # weights_only: tensors and plain data only; a pickled object is refused, never run
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated, foreign or unsafe files
-        reason = str(e).split("\n")[0][:300]
-        raise ValueError(f"cannot read checkpoint {path}: {reason}. A split_model checkpoint is a complete .ckpt "
-                         "file written by `split-model fit` and holds only tensors and plain data") from e
+    except Exception as e:  # torch raises several types for damaged, foreign or unsafe files
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = (f"it holds a pickled {unsafe.group(1)}, which is refused (a split_model checkpoint holds only "
+                  "tensors and plain data)" if unsafe else " ".join(str(e).split())[:300])
+        raise ValueError(f"cannot read checkpoint {path}: {reason}") from e
     info = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(info, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a split_model checkpoint (no '{CKPT_KEY}' entry)")
