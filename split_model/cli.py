@@ -83,7 +83,8 @@ def run_lightning(argv: list[str] | None):
         SplitModelModule,
         TaskDataModule,
         args=argv,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        # exit_on_error False: a bad option raises ArgumentError, which main() prints on one line.
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
     )
@@ -121,6 +122,8 @@ def generate_main(argv: list[str]) -> list[str]:
         p.error("give at least one --question or a --file")
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         p.error("--batch-size and --max-new-tokens must be positive")
+    if args.latent_steps is not None and args.latent_steps < 0:
+        p.error(f"--latent-steps must be >= 0, got {args.latent_steps}")
     import torch
 
     from split_model.reasoner import Sampling
@@ -216,12 +219,17 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: a user error prints one line and exits with status 1 (the
-    traceback too when SPLIT_MODEL_TRACEBACK=1)."""
+    """Console entry point: a user error prints one line and exits with status 1, an option or
+    config value the parser refuses with status 2 (the traceback too when SPLIT_MODEL_TRACEBACK=1)."""
     import os
 
     try:
         dispatch(argv)
+    except argparse.ArgumentError as e:  # an option or config value the parser refused
+        if os.environ.get("SPLIT_MODEL_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"split-model: error: {one_line(e)} (`split-model COMMAND --help` lists the options)", file=sys.stderr)
+        raise SystemExit(2) from None
     except _reported_errors() as e:
         if os.environ.get("SPLIT_MODEL_TRACEBACK", "") not in ("", "0"):
             raise

@@ -26,15 +26,14 @@ from split_model.training.checkpoints import AtomicCheckpointIO
 from split_model.training.data import EpochSampler
 from split_model.training.module import NonFiniteError
 
-HERE = Path(__file__).resolve().parent
 TEXTS = ["the ball is under cup 1", "swap 1 and 2", "swap 2 and 3; where is the ball?"]
 
 
 # -- resume after SIGKILL ---------------------------------------------------------------------------
 def _fit(root: Path, kill_at: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "SPLIT_MODEL_CACHE": str(root.parent / "split_model")}
-    return subprocess.run([sys.executable, str(HERE / "_fit_until.py"), str(root), str(kill_at), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "split_model.bench.faults", "fit-until", str(root), str(kill_at),
+                           *extra], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
@@ -275,3 +274,15 @@ def test_results_files_are_written_whole(tmp_path, monkeypatch):
         files.write_text(tmp_path / "r.json", '{"a": 1}\n')
     monkeypatch.undo()
     assert path.read_text() == "{}\n" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_generation_refuses_negative_latent_counts_and_an_empty_budget(tiny):
+    module = tiny.module(tiny.memory("llama")).eval()
+    tok = module.memory.tokenizer
+    states = module.memory.encode_texts(TEXTS[:2])
+    mem = module.reasoner.encode_memory(states.states, states.mask)
+    with pytest.raises(ValueError, match="latent step counts must be >= 0, got -1"):
+        module.reasoner.generate(mem, torch.tensor([2, -1]), tok.bos_id, tok.eos_id, 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        module.reasoner.generate(mem, torch.tensor([2, 1]), tok.bos_id, tok.eos_id, 0)
+    assert len(module.reasoner.generate(mem, torch.tensor([2, 0]), tok.bos_id, tok.eos_id, 4)) == 2

@@ -26,6 +26,7 @@ BENCHES: dict[str, str] = {
     "train-modes": "split_model.bench.train_modes:run",
     "latent-steps": "split_model.bench.latent_steps:run",
     "suite": "split_model.bench.suite:run",
+    "faults": "split_model.bench.faults:run",
 }
 
 
@@ -59,9 +60,12 @@ def bench_main(argv: list[str]) -> dict:
          "train-speed: training steps/s of the reference and the fast path, memory encoding tokens/s",
          "train-modes: sequential vs jacobi (K=2,4,8) vs off at 16 steps: examples/s, accuracy, jacobi gap",
          "latent-steps: accuracy as test-time latent steps go 0..16, with and without sampled latent counts (PNG)",
-         "suite: train and score the benchmark configs and their baselines (feedback none/last, written CoT)"]))
+         "suite: train and score the benchmark configs and their baselines (feedback none/last, written CoT)",
+         "faults: every failure scenario (crash and resume, damaged files, NaN, bad config values) against the "
+         "real code: how many behaved as promised"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
-    p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works")
+    p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works "
+                                                        "(faults: only the scenarios that start no process)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where speed, train-speed and train-modes run; a CUDA run writes NAME-cuda.json")
     p.add_argument("--memory", default="minilm-l6",

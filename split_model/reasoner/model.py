@@ -320,7 +320,12 @@ class Reasoner(nn.Module):
         the latent steps each row took.
         """
         b, device = n_latent.shape[0], n_latent.device
-        steps = int(n_latent.max()) + max_new_tokens  # the one host read before the loop
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        most, least = (int(x) for x in torch.stack([n_latent.max(), n_latent.min()]).tolist())  # one host read
+        if least < 0:
+            raise ValueError(f"latent step counts must be >= 0, got {least}")
+        steps = most + max_new_tokens
         dec = self.decoder(memory, steps, decoder)
         n_latent = n_latent.clone()  # halting shortens it in place
         choose = (sampling or Sampling()).chooser(device)
