@@ -17,6 +17,7 @@ keeps the others (each entry's command says how it was made).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,6 +91,29 @@ def fit_and_score(argv: list[str]) -> dict:
             "memory_params": sum(p.numel() for p in model.memory.parameters())}
 
 
+RESULT_KEYS = ("tasks", "accuracy_oracle", "trainable_params", "memory_params", "train_seconds", "commands", "failed")
+
+
+def merged(earlier: dict, new: dict) -> dict:
+    """`earlier` suite results updated with `new` ones, run by run: a suite run for some tasks and
+    variants replaces theirs and keeps every other result (and drops a failure it has now run)."""
+    keys = [k for k in RESULT_KEYS if k in earlier or k in new]
+    out = {key: {task: dict(v) if isinstance(v, dict) else v for task, v in earlier.get(key, {}).items()}
+           for key in keys}
+    for key, tasks in new.items():
+        for task, value in tasks.items():
+            if isinstance(value, dict):
+                out[key].setdefault(task, {}).update(value)
+            else:
+                out[key][task] = value
+    for task, variants in new["tasks"].items():
+        for variant in variants:
+            out.get("failed", {}).get(task, {}).pop(variant, None)
+    if "failed" in out:
+        out["failed"] = {task: v for task, v in out["failed"].items() if v}
+    return out
+
+
 def run(args) -> dict:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
@@ -97,11 +121,8 @@ def run(args) -> dict:
     device = ["--trainer.accelerator=gpu"] if args.device == "cuda" else ["--trainer.accelerator=cpu"]
     out: dict = {"tasks": {}, "accuracy_oracle": {}, "trainable_params": {}, "memory_params": {}, "train_seconds": {},
                  "commands": {}}
-    partial = Path(args.out_dir) / "suite.partial.json"
+    partial = Path(args.out_dir) / f"suite.partial-{os.getpid()}.json"  # suites may run side by side
     earlier = Path(args.out_dir) / ("suite.json" if args.device == "cpu" else f"suite-{args.device}.json")
-    if not args.quick and earlier.is_file():  # a suite run for some tasks updates theirs and keeps the rest
-        kept = json.loads(earlier.read_text())
-        out = {key: kept.get(key, {}) for key in out}
     for i, (task, variant, argv) in enumerate(runs):
         argv = [*argv, *device, *(QUICK if args.quick else [])]
         log(f"[{i + 1}/{len(runs)}] {task} {variant}: split-model {' '.join(argv)}")
@@ -122,6 +143,8 @@ def run(args) -> dict:
             partial.parent.mkdir(parents=True, exist_ok=True)
             files.write_text(partial, json.dumps(out, indent=1) + "\n")
     partial.unlink(missing_ok=True)  # the final suite.json follows
+    if not args.quick and earlier.is_file():  # read at the end: another suite may have finished meanwhile
+        out = merged(json.loads(earlier.read_text()), out)
     return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", **out,
             "scoring": "valid split, exact match of the generated answer (the task's own scorer), with the train "
                        "split's latent count and token budget; accuracy_oracle uses each row's gold latent count",
