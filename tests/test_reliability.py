@@ -286,3 +286,20 @@ def test_generation_refuses_negative_latent_counts_and_an_empty_budget(tiny):
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
         module.reasoner.generate(mem, torch.tensor([2, 1]), tok.bos_id, tok.eos_id, 0)
     assert len(module.reasoner.generate(mem, torch.tensor([2, 0]), tok.bos_id, tok.eos_id, 4)) == 2
+
+
+def test_a_saved_position_applies_only_to_its_own_epoch():
+    """A checkpoint written at the end of a shortened epoch (limit_train_batches) says 2 of 4
+    batches; the next epoch must start from its first batch and count from 0."""
+    from split_model.training.data import ResumableLoader
+
+    loader = ResumableLoader(list(range(8)), batch_size=2, sampler=EpochSampler(8, seed=0))
+    loader.load_state_dict({"epoch": 0, "batches": 2, "seed": 0})
+    loader.sampler.set_epoch(1)
+    assert [int(x) for batch in loader for x in batch] == EpochSampler(8, seed=0).order(1)
+    assert loader.delivered == 4
+    loader.load_state_dict({"epoch": 1, "batches": 3, "seed": 0})
+    assert [int(x) for batch in loader for x in batch] == EpochSampler(8, seed=0).order(1)[6:]
+    assert loader.state_dict() == {"epoch": 1, "batches": 4, "seed": 0}
+    with pytest.raises(ValueError, match="shuffled with seed 5"):
+        loader.load_state_dict({"epoch": 1, "batches": 1, "seed": 5})

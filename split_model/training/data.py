@@ -154,10 +154,15 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.delivered = 0  # batches handed out in the current epoch (counting any skipped on resume)
-        self._start_batch = 0  # where the next pass starts, set by load_state_dict
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint, for the next pass
 
     def __iter__(self):
-        self.delivered, self._start_batch = self._start_batch, 0
+        # Runs at the first batch, after Lightning has set the sampler's epoch.
+        start = 0
+        if self._resume is not None and self._resume[0] == self.sampler.epoch:
+            start = self._resume[1]
+            self.sampler.resume_at(self.sampler.epoch, start * self.batch_size)
+        self._resume, self.delivered = None, start
         for batch in super().__iter__():
             self.delivered += 1
             yield batch
@@ -170,9 +175,8 @@ class ResumableLoader(DataLoader):
         if state.get("seed", self.sampler.seed) != self.sampler.seed:
             raise ValueError(f"the checkpoint's data order was shuffled with seed {state['seed']}, this run's with "
                              f"{self.sampler.seed}: resume with the same data.shuffle_seed (or seed_everything)")
-        if 0 < batches < len(self):  # written part-way through an epoch
-            self.sampler.resume_at(epoch, batches * self.batch_size)
-            self._start_batch = batches
+        # Written part-way through an epoch: that epoch, when it is run, starts after those batches.
+        self._resume = (epoch, batches) if 0 < batches < len(self) else None
 
 
 class TaskDataModule(LightningDataModule):
