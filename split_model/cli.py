@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     except argparse.ArgumentError as e:  # an option or config value the parser refused
         if os.environ.get("SPLIT_MODEL_TRACEBACK", "") not in ("", "0"):
             raise
-        print(f"split-model: error: {one_line(e)} (`split-model COMMAND --help` lists the options)", file=sys.stderr)
+        command = (sys.argv[1:] if argv is None else list(argv) or ["COMMAND"])[0]
+        print(f"split-model: error: {one_line(e)} (`split-model {command} --help` lists the options)",
+              file=sys.stderr)
         raise SystemExit(2) from None
     except _reported_errors() as e:
         if os.environ.get("SPLIT_MODEL_TRACEBACK", "") not in ("", "0"):
