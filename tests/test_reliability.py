@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from split_model import files
+from split_model.bench.faults import finite, poison, run_fit
 from split_model.memory import MemoryCache
 from split_model.memory import cache as cache_module
 from split_model.training import SplitModelModule, load_checkpoint
@@ -30,27 +29,21 @@ TEXTS = ["the ball is under cup 1", "swap 1 and 2", "swap 2 and 3; where is the 
 
 
 # -- resume after SIGKILL ---------------------------------------------------------------------------
-def _fit(root: Path, kill_at: int, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SPLIT_MODEL_CACHE": str(root.parent / "split_model")}
-    return subprocess.run([sys.executable, "-m", "split_model.bench.faults", "fit-until", str(root), str(kill_at),
-                           *extra], capture_output=True, text=True, env=env, timeout=600)
-
-
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     """20 steps of 6 batches per epoch, checkpoints every 5 steps: killed after step 13, the run
     restarts from step 10 (epoch 1, batch 4 of 6) and must end bit-identical to an
     uninterrupted run. Without the data loader's saved position it does not (the resumed
     epoch would start over)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = _fit(whole, 0)
+    done = run_fit(whole, 0)
     assert done.returncode == 0, done.stderr[-3000:]
-    crash = _fit(killed, 13)
+    crash = run_fit(killed, 13)
     assert crash.returncode == -9  # SIGKILL: no cleanup, no final checkpoint
     assert not (killed / "final.json").exists()
     saved = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 10
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 4, "seed": 0}]
-    resumed = _fit(killed, 0, "--ckpt_path", "last")
+    resumed = run_fit(killed, 0, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stderr + resumed.stdout
     a, b = (json.loads((d / "final.json").read_text()) for d in (whole, killed))
@@ -152,40 +145,25 @@ def test_a_checkpoint_without_its_output_format_is_refused(trained, tmp_path):
 
 
 # -- numerical faults ----------------------------------------------------------------------------------
-def _nan_at(module, step: int):
-    forward = module._forward
-
-    def poisoned(batch):
-        loss, acc, mem = forward(batch)
-        if module.training and module.trainer.global_step == step:
-            loss = loss * float("nan")
-        return loss, acc, mem
-    module._forward = poisoned
-
-
-def _finite(module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.reasoner.parameters())
-
-
 def test_a_nan_loss_stops_training_before_the_update_and_keeps_the_checkpoint(tiny, tmp_path):
     module = tiny.module(tiny.memory("llama"))
     dm = tiny.data(module, tmp_path / "cache")
-    _nan_at(module, 3)
+    poison(module, 3)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)
     trainer = tiny.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoints])
     with pytest.raises(NonFiniteError, match=r"optimizer step 3 .*loss nan.*last\.ckpt"):
         trainer.fit(module, datamodule=dm)
-    assert trainer.global_step == 3 and _finite(module)
+    assert trainer.global_step == 3 and finite(module)
     kept = load_checkpoint(str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
-    assert _finite(kept)
+    assert finite(kept)
 
 
 def test_skip_leaves_the_weights_of_a_nan_step_untouched_and_trains_on(tiny, tmp_path):
     module = SplitModelModule(memory=tiny.memory("llama"), reasoner=tiny.reasoner_config(), lr=3e-3, warmup_steps=2,
                               nonfinite="skip")
     dm = tiny.data(module, tmp_path / "cache")
-    _nan_at(module, 2)
+    poison(module, 2)
     seen = {}
 
     class Watch(Callback):
@@ -199,7 +177,7 @@ def test_skip_leaves_the_weights_of_a_nan_step_untouched_and_trains_on(tiny, tmp
 
     with pytest.warns(UserWarning, match="skipped the batch of optimizer step 2"):
         tiny.trainer(tmp_path, max_steps=5, limit_val_batches=0, callbacks=[Watch()]).fit(module, datamodule=dm)
-    assert module.skipped_batches == 1 and _finite(module)
+    assert module.skipped_batches == 1 and finite(module)
     assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))
 
 
