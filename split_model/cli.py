@@ -172,18 +172,36 @@ def stream_answer(model, question: str, kwargs: dict) -> str:
 
 
 def data_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="split-model data", description="Write a generated data set to a file.")
-    p.add_argument("kind", choices=["prosqa"], help="prosqa: ProsQA-style graph questions in Coconut's JSON format")
-    p.add_argument("--out", required=True, help="output path, e.g. data/prosqa_train.json")
-    p.add_argument("-n", "--n", type=int, default=10000, help="number of examples")
+    p = argparse.ArgumentParser(prog="split-model data",
+                                description="Write a generated data set to a file (prosqa) or a directory (world).")
+    p.add_argument("kind", choices=["prosqa", "world"],
+                   help="prosqa: ProsQA-style graph questions in Coconut's JSON format; "
+                        "world: a knowledge world's corpus and its valid multi-hop questions")
+    p.add_argument("--out", required=True, help="prosqa: output file, e.g. data/prosqa_train.json; "
+                                                "world: output directory (gets corpus.txt and questions.jsonl)")
+    p.add_argument("-n", "--n", type=int, default=None,
+                   help="number of examples (prosqa: default 10000; world: valid questions, default 400)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--compare", metavar="FILE", default=None,
                    help="a real ProsQA JSON file (e.g. prosqa_valid.json): print both sets' statistics side by side")
+    p.add_argument("--world", type=int, default=None, help="world only: which world, 0-7 (default 0)")
+    p.add_argument("--entities", type=int, default=None, help="world only: number of people (default 500)")
     args = p.parse_args(argv)
     import json
 
-    from split_model.tasks import prosqa_statistics, write_prosqa
+    from split_model.tasks import prosqa_statistics, write_prosqa, write_world
 
+    if args.kind == "world":
+        if args.compare is not None:
+            p.error("--compare applies to prosqa only")
+        given = {"world": args.world, "n_entities": args.entities, "n_valid": args.n}
+        corpus, questions = write_world(args.out, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+        n_docs, n_questions = (len(path.read_text().splitlines()) for path in (corpus, questions))
+        print(f"wrote {n_docs} documents to {corpus} and {n_questions} valid questions to {questions}")
+        return
+    if args.world is not None or args.entities is not None:
+        p.error("--world and --entities apply to world only")
+    args.n = 10000 if args.n is None else args.n
     if args.compare is not None and not Path(args.compare).is_file():
         p.error(f"--compare: no file at {args.compare}")
     path = write_prosqa(args.out, args.n, seed=args.seed)

@@ -293,7 +293,7 @@ def test_prontoqa_real_valid() -> None:
 
 
 def test_registry(tmp_path: Path) -> None:
-    assert set(TASKS) == {"state_tracking", "icot_multiplication", "gsm8k", "prosqa", "prontoqa", "reasoning_gym"}
+    assert set(TASKS) == {"state_tracking", "icot_multiplication", "gsm8k", "prosqa", "prontoqa", "reasoning_gym", "world"}
     for name, cls in TASKS.items():
         assert cls.name == name
         if name != "reasoning_gym":  # it needs a generator's name (tests/test_reasoning_gym.py)

@@ -20,10 +20,11 @@ from split_model.tasks.coconut_json import (
 from split_model.tasks.icot import GSM8K, IcotMultiplication
 from split_model.tasks.reasoning_gym import ReasoningGym
 from split_model.tasks.state_tracking import StateTracking
+from split_model.tasks.world import CITIES, KnowledgeWorld, World, WorldConfig, chance_accuracy, write_world
 
 # Keyed by each class's own `name`, so the key and the class cannot disagree.
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (StateTracking, IcotMultiplication, GSM8K, ProsQA, ProntoQA,
-                                                          ReasoningGym)}
+                                                          ReasoningGym, KnowledgeWorld)}
 
 
 def get_task(name: str, **kwargs: object) -> Task:
@@ -34,6 +35,7 @@ def get_task(name: str, **kwargs: object) -> Task:
 
 
 __all__ = [
+    "CITIES",
     "SPLITS",
     "TASKS",
     "CoconutJSON",
@@ -41,6 +43,7 @@ __all__ = [
     "FileTask",
     "GSM8K",
     "IcotMultiplication",
+    "KnowledgeWorld",
     "ProntoQA",
     "ProsQA",
     "ProsQAGenConfig",
@@ -48,8 +51,12 @@ __all__ = [
     "Split",
     "StateTracking",
     "Task",
+    "World",
+    "WorldConfig",
+    "chance_accuracy",
     "generate_prosqa",
     "get_task",
     "prosqa_statistics",
     "write_prosqa",
+    "write_world",
 ]
