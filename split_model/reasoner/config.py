@@ -28,6 +28,11 @@ class ReasonerConfig:
             never beyond the row's latent count, which becomes a maximum). The head starts at
             "continue" (probability about 0.05), so a fresh model thinks for the full count.
         halt_threshold: the halt probability at which a row stops thinking.
+        retrieval_k: chunks fetched from a retrieval store at each querying step (0: no
+            retrieval). The store itself is the training module's `store`; see reasoner/retrieval.py.
+        retrieval_every: query at steps 0, n, 2n, ... (1: every step).
+        retrieval_layer: the query is the output of this many blocks (0: the step's input), and
+            the fetched chunks join the cross-attention of blocks retrieval_layer and above.
     """
 
     d_model: int = 256  # residual width
@@ -39,6 +44,9 @@ class ReasonerConfig:
     rope_base: float = 10000.0  # rotary base for self-attention positions
     halting: bool = False  # learned halting of latent steps
     halt_threshold: float = 0.5
+    retrieval_k: int = 0  # chunks per query; 0 turns retrieval off
+    retrieval_every: int = 1  # steps between queries
+    retrieval_layer: int = 1  # query after this many blocks; chunks join the blocks from here up
 
     def __post_init__(self):
         if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.embed_rank <= 0:
@@ -54,6 +62,12 @@ class ReasonerConfig:
             raise ValueError(f"feedback must be one of none, last, all; got {self.feedback!r}")
         if not 0.0 < self.halt_threshold < 1.0:
             raise ValueError(f"halt_threshold must be strictly between 0 and 1, got {self.halt_threshold}")
+        if self.retrieval_k < 0 or self.retrieval_every < 1:
+            raise ValueError(f"retrieval_k must be >= 0 and retrieval_every >= 1, got {self.retrieval_k}, "
+                             f"{self.retrieval_every}")
+        if self.retrieval_k and not 0 <= self.retrieval_layer < self.n_layers:
+            raise ValueError(f"retrieval_layer={self.retrieval_layer} must be in 0..n_layers-1={self.n_layers - 1}: "
+                             "the fetched chunks join the blocks from that one up")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 

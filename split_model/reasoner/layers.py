@@ -115,6 +115,7 @@ class MemoryKV:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, H, N, dh)
     mask: torch.Tensor  # (B, 1, 1, N) bool: True where a memory token is real
+    lookup: object | None = None  # a retrieval.Lookup: where querying steps fetch chunks (None: no retrieval)
 
 
 class CrossAttention(nn.Module):
@@ -134,11 +135,29 @@ class CrossAttention(nn.Module):
         k, v = self.kv(mem).view(b, n, 2, self.h, self.dh).permute(2, 0, 3, 1, 4)  # each (B, H, N, dh)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                extra=None) -> torch.Tensor:
+        """extra: a retrieval `Fetched` (per-position chunk tokens with an attention bias), attended
+        together with the memory in one softmax."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)  # (B, H, T, dh)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+        if extra is None:
+            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+        else:
+            y = self._with_fetched(q, kv, mask, extra)
         return torch.tanh(self.gate) * self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+    def _with_fetched(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, extra):
+        """Attention over [memory (N, shared by all positions) ; position t's own M fetched tokens]."""
+        b, _, t, _ = q.shape
+        m = extra.states.shape[2]
+        rk, rv = self.kv(extra.states).view(b, t, m, 2, self.h, self.dh).permute(3, 0, 1, 4, 2, 5)  # each (B, T, H, M, dh)
+        scale = self.dh**-0.5
+        s_mem = (q @ kv[0].transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))  # (B, H, T, N)
+        s_got = torch.einsum("bhtd,bthmd->bhtm", q, rk) * scale + extra.bias[:, None]  # (B, H, T, M)
+        p = torch.cat([s_mem, s_got], dim=-1).softmax(-1)
+        n = s_mem.shape[-1]
+        return p[..., :n] @ kv[1] + torch.einsum("bhtm,bthmd->bhtd", p[..., n:], rv)  # (B, H, T, dh)
 
 
 class MLP(nn.Module):
@@ -161,10 +180,10 @@ class Block(nn.Module):
         self.norm1, self.norm2, self.norm3 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn, self.xattn, self.mlp = SelfAttention(cfg), CrossAttention(cfg), MLP(cfg)
 
-    def forward(self, x, cache: LayerCache | None, mem_kv: tuple, mem_mask: torch.Tensor):
+    def forward(self, x, cache: LayerCache | None, mem_kv: tuple, mem_mask: torch.Tensor, fetched=None):
         a, cache = self.attn(self.norm1(x), cache)
         x = x + a
-        x = x + self.xattn(self.norm2(x), mem_kv, mem_mask)
+        x = x + self.xattn(self.norm2(x), mem_kv, mem_mask, fetched)
         return x + self.mlp(self.norm3(x)), cache
 
 

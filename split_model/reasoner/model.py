@@ -35,6 +35,7 @@ from split_model.reasoner.layers import (
     MemoryKV,
     RMSNorm,
 )
+from split_model.reasoner.retrieval import RetrievalHead
 from split_model.reasoner.sampling import Sampling
 from split_model.reasoner.static import PositionTables, StaticDecoder, static_forward
 
@@ -87,8 +88,12 @@ class Reasoner(nn.Module):
         memory_dim: int,
         num_states: int = 1,
         embed_init: torch.Tensor | None = None,
+        key_dim: int | None = None,
     ):
+        """key_dim: width of the retrieval store's keys; required when cfg.retrieval_k > 0."""
         super().__init__()
+        if cfg.retrieval_k and not key_dim:
+            raise ValueError("a reasoner with retrieval_k > 0 needs the store's key_dim (open the store first)")
         self.cfg = cfg
         self.embed = FactorisedEmbedding(vocab_size, cfg, embed_init)
         self.latent_input = nn.Parameter(torch.randn(cfg.d_model) / cfg.d_model**0.5)  # input of a no-token step
@@ -103,6 +108,9 @@ class Reasoner(nn.Module):
             self.halt = nn.Linear(cfg.d_model, 1)
             nn.init.zeros_(self.halt.weight)
             nn.init.constant_(self.halt.bias, HALT_INIT_BIAS)  # "continue": sigmoid(-3) = 0.047
+        self.retrieval = None
+        if cfg.retrieval_k:  # created last, for the same reason
+            self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every)
         self.last_latent_steps: torch.Tensor | None = None  # latent steps each row took in the last generate
         # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
         self.register_buffer("output_ids", None, persistent=False)
@@ -165,9 +173,11 @@ class Reasoner(nn.Module):
         self.probe_inputs(x)
         if feedback_in is not None:
             x = x + feedback_in
-        layer_states, new_caches = [x], []
+        layer_states, new_caches, fetched = [x], [], None
         for i, blk in enumerate(self.blocks):
-            x, cache = blk(x, None if caches is None else caches[i], memory.kv[i], memory.mask)
+            if i == self.cfg.retrieval_layer and self.retrieval is not None and memory.lookup is not None:
+                fetched = self.retrieval(x, pos, memory.lookup, self.adapter)  # joins this block and those above
+            x, cache = blk(x, None if caches is None else caches[i], memory.kv[i], memory.mask, fetched)
             layer_states.append(x)
             new_caches.append(cache)
         return self.norm(x), torch.stack(layer_states), new_caches
@@ -209,6 +219,8 @@ class Reasoner(nn.Module):
     ):
         """tokens, latent: (B, T) -> logits (B, T, V), exact for every feedback mode (fixed shapes);
         with return_hidden, (logits, the normed final hidden (B, T, d))."""
+        if memory.lookup is not None:  # a search per step is a host round trip: the step-by-step path
+            return self.forward_dynamic(tokens, latent, memory, bptt_steps, return_hidden)
         if self.feedback is None:  # no recurrence besides attention: one parallel pass is exact
             hidden, _, _ = self.run(tokens, latent, memory)
             return self._out(hidden, return_hidden)
@@ -293,7 +305,7 @@ class Reasoner(nn.Module):
         graph (CUDA only; falls back to static with a warning); compiled: the step compiled by
         torch.compile, then captured (CUDA only; falls back to graphs); dynamic: the reference `step`.
         """
-        if kind == "dynamic":
+        if kind == "dynamic" or memory.lookup is not None:  # retrieval: searches between steps
             return DynamicDecoder(self, memory)
         decoder = StaticDecoder(self, memory, max_steps)
         if kind in ("graphs", "compiled") and memory.mask.is_cuda:

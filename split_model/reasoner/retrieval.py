@@ -1,0 +1,90 @@
+"""Retrieval inside a reasoning step: the reasoner's query, and the fetched chunks' states
+joined to its cross-attention.
+
+At a querying step the output of block `retrieval_layer - 1` (index 0: the step's input)
+is projected into the store's key space; a `Lookup` (which owns the store and faiss; the
+reasoner imports neither) returns the k nearest chunks: their stored keys and their memory
+states. Blocks `retrieval_layer` and above cross-attend to the question's memory and to
+those chunks together. Search is not differentiable, so the query learns through attention:
+every token of chunk j gets the additive attention bias log p_j, where
+p = softmax over the k fetched chunks of (query . key_j). Attention that helps the loss
+raises p_j, and the gradient of log p_j moves the query towards key_j and away from the
+other fetched keys. `Lookup.observe` sees those log-probabilities, so a caller that knows
+which chunk a step should have fetched can add a loss on them (see
+split_model.retrieval.lookup).
+
+Which hop can depend on which: with `retrieval_layer` >= 1 the query reads the question
+(block 0 cross-attends to it), and the chunks fetched at step t reach step t+1 only through
+the feedback (the blocks below `retrieval_layer` never see them, and self-attention at
+step t+1 reads those blocks' past inputs). So with feedback `none` a second hop cannot
+depend on what the first found; with `last` or `all` it can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+NEG = -1e4  # score of an empty slot: finite, so a step with no chunk at all stays NaN-free
+
+
+@dataclass
+class Retrieved:
+    """What a lookup returns for T positions of B rows."""
+
+    ids: torch.Tensor  # (B, T, k) chunk ids, -1 where no chunk
+    keys: torch.Tensor  # (B, T, k, Dk) the chunks' stored keys (constants: search has no gradient)
+    states: torch.Tensor  # (B, T, k, n, S, D_mem) the chunks' memory states
+    mask: torch.Tensor  # (B, T, k, n) bool: real tokens
+
+
+class Lookup(Protocol):
+    """The reasoner's only view of a store."""
+
+    key_dim: int
+
+    def __call__(self, queries: torch.Tensor, positions: torch.Tensor) -> Retrieved:
+        """queries (B, T, Dk), detached; positions (T,) step indices -> the chunks for each."""
+
+    def observe(self, positions: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor) -> None:
+        """Called with the (B, T, k) log-probabilities the reasoner gave the fetched chunks."""
+
+
+@dataclass
+class Fetched:
+    """Fetched chunks as one block of extra cross-attention tokens (M = k * n per position)."""
+
+    states: torch.Tensor  # (B, T, M, d) adapted chunk states
+    bias: torch.Tensor  # (B, T, M) additive attention bias: log p of the token's chunk, -inf for padding
+
+
+class RetrievalHead(nn.Module):
+    """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
+
+    def __init__(self, d_model: int, key_dim: int, every: int):
+        super().__init__()
+        self.every = every
+        self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
+        # Marks fetched tokens apart from the question's (both carry token positions 0, 1, ...).
+        self.kind = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module) -> Fetched | None:
+        """x (B, T, d) states of the querying layer at steps `positions` (T,); None when no
+        position queries (a step between queries)."""
+        asking = positions % self.every == 0  # (T,)
+        if x.shape[1] == 1 and not bool(asking[0]):  # one step, known on the host (positions are host-made)
+            return None
+        q = self.query(x)  # (B, T, Dk)
+        found = lookup(q.detach(), positions)
+        b, t, k, n = found.mask.shape
+        valid = (found.ids >= 0) & asking[None, :, None]  # (B, T, k)
+        scores = torch.einsum("btd,btkd->btk", q, found.keys.to(q.dtype)).masked_fill(~valid, NEG)
+        log_p = scores.log_softmax(-1)  # (B, T, k)
+        lookup.observe(positions, found.ids.masked_fill(~valid, -1), log_p)
+        states = adapter(found.states.flatten(0, 2)).view(b, t, k * n, -1) + self.kind  # (B*T*k, n, S, D) -> (B, T, k*n, d)
+        real = (found.mask & valid[..., None]).flatten(2)  # (B, T, k*n)
+        bias = log_p[..., None].expand(b, t, k, n).flatten(2).masked_fill(~real, float("-inf"))
+        return Fetched(states=states, bias=bias)
