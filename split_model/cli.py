@@ -25,6 +25,7 @@ commands:
   generate   answer questions:         split-model generate --checkpoint CKPT --question "..."
   bench      run a named experiment:   split-model bench NAME   (speed, feedback-ablation, quickstart)
   data       write generated data:     split-model data prosqa --out data/prosqa_train.json
+  index      build a retrieval store:  split-model index --corpus corpus.jsonl --out stores/corpus
 
 `split-model COMMAND --help` explains every option of a command; for fit/validate/test/predict,
 `--print_config` shows the full resolved config.
@@ -214,6 +215,78 @@ def data_main(argv: list[str]) -> None:
             print(f"| {key} | {ours[key]} | {real[key]} |")
 
 
+def index_main(argv: list[str]):
+    """`split-model index`: a retrieval store from a corpus file; returns the store."""
+    p = argparse.ArgumentParser(
+        prog="split-model index",
+        description="Read a corpus with a frozen memory backbone into a retrieval store (faiss index of chunk keys, "
+                    "memory-mapped chunk states, manifest). A store is built once and refuses any other backbone.")
+    p.add_argument("--corpus", required=True, help="a .jsonl (or .json) file with a `text` field per line, or any "
+                                                   "other file as plain text with one document per line")
+    p.add_argument("--out", required=True, help="directory of the store; must not exist, unless --append")
+    p.add_argument("--memory", default="minilm-l6",
+                   help="the backbone: a packaged short name (minilm-l6, smollm2-135m) or a local Hugging Face "
+                        "directory; a model later reads the store only with this same backbone")
+    p.add_argument("--layers", default="-1", help="memory layers whose states are stored, comma-separated "
+                                                  "(0: embeddings, -1: last; write --layers=-2,-1 for a list "
+                                                  "starting with a minus); the key is the mean of the last one")
+    p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"],
+                   help="flat: exact search; hnsw: graph, approximate, fast on big stores; ivfpq: clustered and "
+                        "compressed to --pq-m bytes per key, for stores past RAM")
+    p.add_argument("--metric", default="ip", choices=["ip", "l2"],
+                   help="ip: cosine of L2-normalised keys; l2: euclidean distance")
+    p.add_argument("--chunk-tokens", type=int, default=32,
+                   help="most token ids per chunk: a longer document is split into consecutive chunks")
+    p.add_argument("--ivf-lists", type=int, default=None, help="ivfpq: inverted lists (default about 4*sqrt(chunks))")
+    p.add_argument("--pq-m", type=int, default=16, help="ivfpq: bytes per compressed key; must divide the key dimension")
+    p.add_argument("--nprobe", type=int, default=16, help="ivfpq: lists scanned per query")
+    p.add_argument("--append", action="store_true",
+                   help="add the corpus to the store at --out (built by the same backbone); the index options "
+                        "are the store's and cannot change")
+    p.add_argument("--device", default="auto", help="where the backbone encodes: auto (cuda when available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the ivfpq training sample")
+    args = p.parse_args(argv)
+    try:
+        layers = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        p.error(f"--layers must be comma-separated integers such as -1 or 2,4; got {args.layers!r}")
+    import time
+
+    import torch
+
+    from split_model.memory import HFMemory
+    from split_model.retrieval import IndexSpec, RetrievalStore, read_corpus
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
+    if args.chunk_tokens < 1:
+        p.error(f"--chunk-tokens must be at least 1, got {args.chunk_tokens}")
+    texts = read_corpus(args.corpus)
+    start = time.perf_counter()
+    try:  # a chunk is the longest input the memory reads here (max_length is not in the fingerprint)
+        memory = HFMemory(name=args.memory, layers=layers, max_length=args.chunk_tokens).to(device)
+    except ValueError as e:
+        if "exceeds the backbone" not in str(e):
+            raise
+        p.error(f"--chunk-tokens {args.chunk_tokens} is more than the backbone reads at once ({e})")
+    if args.append:
+        store = RetrievalStore.open(args.out, memory)
+        before = store.num_chunks
+        store.append(memory, texts)
+        print(f"added {store.num_chunks - before:,} chunks of {len(texts):,} documents to {args.out}: now "
+              f"{store.num_chunks:,} chunks of {store.num_documents:,} documents, key dim {store.key_dim}, "
+              f"{store.spec.kind} index, {time.perf_counter() - start:.1f} s")
+        return store
+    spec = IndexSpec(kind=args.index, metric=args.metric, ivf_lists=args.ivf_lists, pq_m=args.pq_m, nprobe=args.nprobe)
+    store = RetrievalStore.build(args.out, memory, texts, index=spec, chunk_tokens=args.chunk_tokens,
+                                 desc=Path(args.corpus).name, seed=args.seed)
+    print(f"indexed {store.num_chunks:,} chunks of {store.num_documents:,} documents, key dim {store.key_dim}, "
+          f"{spec.kind} index, {time.perf_counter() - start:.1f} s: {args.out}")
+    return store
+
+
 # What a user's input raises (a wrong path, an unknown backbone, a bad value), and a training
 # run stopped by a NaN: one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, ImportError)
@@ -272,6 +345,8 @@ def dispatch(argv: list[str] | None = None):
         return bench_main(rest)
     if command == "data":
         return data_main(rest)
+    if command == "index":
+        return index_main(rest)
     if command in LIGHTNING_COMMANDS:
         return run_lightning(argv if argv is None else args)
     print(f"split-model: unknown command {command!r}\n\n{OVERVIEW}", file=sys.stderr)
