@@ -159,3 +159,149 @@ def test_weights_of_a_retrieving_reasoner_match_the_plain_one_for_one_seed():
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(sd[name], value)
     assert {n for n in sd if n not in plain.state_dict()} == {"retrieval.query.weight", "retrieval.kind"}
+
+
+def test_an_answer_only_the_store_holds_is_learned_through_retrieval(tmp_path):
+    """Two stores give every person another city, and training alternates between them on the
+    same questions: without retrieval no model can answer both (the question is the same,
+    the answer differs, so at most half right); with retrieval the reasoner learns to read
+    the fact from whichever store it is given."""
+    from conftest import tiny_memory
+
+    from split_model.retrieval import RetrievalStore
+    from split_model.tasks import Example, Task
+    from split_model.training import SplitModelModule, TaskDataModule
+
+    names, cities = ["anna", "bert", "carl", "dora", "emil", "fred", "gina", "hugo"], ["oslo", "rome", "lima", "kiev"]
+    worlds = {w: {n: cities[(i + shift) % 4] for i, n in enumerate(names)} for w, shift in (("a", 0), ("b", 1))}
+
+    class Facts(Task):
+        name = "facts"
+
+        def __init__(self, lives):
+            self.lives = lives
+
+        def examples(self, split):
+            return [Example(f"where does {n} live?", (f"{n} lives in {c}.",), c) for n, c in self.lives.items()]
+
+    assert all(worlds["a"][n] != worlds["b"][n] for n in names)
+    memory = tiny_memory("bert")
+    stores = {w: RetrievalStore.build(tmp_path / w, memory, [f"{n} lives in {c}." for n, c in lives.items()])
+              for w, lives in worlds.items()}
+    torch.manual_seed(0)
+    module = SplitModelModule(memory=memory, lr=1e-2, warmup_steps=5, store=str(tmp_path / "a"),
+                              reasoner=ReasonerConfig(d_model=32, n_layers=2, n_heads=4, embed_rank=8, retrieval_k=2))
+    batches = {}
+    for w, lives in worlds.items():
+        dm = TaskDataModule(Facts(lives), steps="none", batch_size=8, cache_dir=str(tmp_path / "cache"))
+        dm.connect(module)
+        dm.setup("fit")
+        batches[w] = next(iter(dm.train_dataloader()))
+    opt = module.build_optimizer()
+    module.train()
+    for step in range(200):
+        w = "ab"[step % 2]
+        module.store = stores[w]
+        loss = module._forward(batches[w])[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module.eval()
+    for w, lives in worlds.items():
+        module.store = stores[w]
+        answers = module.generate([f"where does {n} live?" for n in names], max_new_tokens=6)
+        assert answers == [lives[n] for n in names], w
+
+
+def _facts_store(tmp_path, memory, name: str = "s"):
+    from split_model.retrieval import RetrievalStore
+
+    docs = [f"{n} lives in {c}." for n, c in zip(["anna", "bert", "carl", "dora"], ["oslo", "rome", "lima", "kiev"])]
+    return RetrievalStore.build(tmp_path / name, memory, docs), docs
+
+
+def test_store_lookup_scores_recall_and_teaches_only_when_asked(tmp_path):
+    from conftest import tiny_memory
+
+    from split_model.retrieval.lookup import StoreLookup
+
+    import numpy as np
+
+    store, docs = _facts_store(tmp_path, tiny_memory("bert"))
+    gold = np.array([[store.find(docs[2]), -1], [store.find(docs[3]), store.find(docs[0])]])
+    far = -torch.from_numpy(store.keys(np.array([[2, 2], [3, 0]])).numpy())  # (B=2, T=2, Dk) away from the gold keys
+    for teacher in (False, True):
+        lookup = StoreLookup(store, 1, "cpu", gold=gold, teacher=teacher)
+        got = lookup(far, torch.tensor([0, 1]))
+        assert lookup.asked == 3 and lookup.found == 0 and lookup.recall() == 0.0
+        ids = got.ids[..., 0].numpy()
+        if teacher:  # every gold chunk was put in the (only) slot
+            assert (ids[gold >= 0] == gold[gold >= 0]).all()
+        else:
+            assert not (ids == gold).any()
+        assert got.states.shape[:3] == (2, 2, 1) and got.mask.shape[:3] == (2, 2, 1)
+    near = store.keys(gold.clip(0))
+    lookup = StoreLookup(store, 2, "cpu", gold=gold)
+    lookup(near, torch.tensor([0, 1]))
+    assert lookup.found == lookup.asked == 3
+
+
+def test_a_retrieving_model_needs_a_store_and_refuses_one_it_cannot_use(tmp_path):
+    from conftest import tiny_memory
+
+    from split_model.training import SplitModelModule
+
+    memory = tiny_memory("bert")
+    _facts_store(tmp_path, memory)
+    cfg = ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2)
+    with pytest.raises(ValueError, match="needs a retrieval store: set model.store"):
+        SplitModelModule(memory=memory, reasoner=cfg)
+    with pytest.raises(ValueError, match="retrieval_k is 0"):
+        SplitModelModule(memory=memory, reasoner=ReasonerConfig(d_model=32, n_layers=2, n_heads=4),
+                         store=str(tmp_path / "s"))
+    with pytest.raises(ValueError):  # a store written by another backbone
+        SplitModelModule(memory=tiny_memory("bert", seed=1), reasoner=cfg, store=str(tmp_path / "s"))
+    module = SplitModelModule(memory=memory, reasoner=cfg, store=str(tmp_path / "s"))
+    assert module.reasoner.retrieval.query.out_features == module.store.key_dim == memory.hidden_size
+
+
+def test_gold_chunks_follow_the_querying_steps(tmp_path):
+    from conftest import tiny_memory
+
+    from split_model.tasks import Example
+    from split_model.training import SplitModelModule
+
+    memory = tiny_memory("bert")
+    store, docs = _facts_store(tmp_path, memory)
+    module = SplitModelModule(memory=memory, store=str(tmp_path / "s"),
+                              reasoner=ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2,
+                                                      retrieval_every=2))
+    examples = [Example("q1", (docs[1], docs[3]), "x"), Example("q2", ("not in the store", docs[0]), "y")]
+    gold = module.gold_chunks(examples)
+    ids = [store.find(d) for d in docs]
+    assert gold.tolist() == [[ids[1], -1, ids[3], -1], [-1, -1, ids[0], -1]]
+    assert module.gold_chunks([Example("q", ("nowhere",), "z")]) is None
+
+
+def test_checkpoint_of_a_retrieving_model_reopens_its_store_or_another(tmp_path):
+    from conftest import tiny_data, tiny_memory, tiny_trainer
+
+    from split_model.training import SplitModelModule
+    from split_model.training.module import load_checkpoint
+
+    memory = tiny_memory("bert")
+    _facts_store(tmp_path, memory, "a")
+    _facts_store(tmp_path, memory, "b")
+    module = SplitModelModule(memory=memory, store=str(tmp_path / "a"), warmup_steps=1,
+                              reasoner=ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2))
+    dm = tiny_data(module, tmp_path / "cache", steps="none", latent_steps=2)
+    trainer = tiny_trainer(tmp_path / "run", max_steps=2, limit_val_batches=1)
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    same = load_checkpoint(str(tmp_path / "m.ckpt"), memory=memory)
+    assert same.store.path == module.store.path
+    for name, value in module.reasoner.state_dict().items():
+        torch.testing.assert_close(same.reasoner.state_dict()[name], value)
+    other = load_checkpoint(str(tmp_path / "m.ckpt"), memory=memory, store=str(tmp_path / "b"))
+    assert other.store.path.name == "b"
+    assert other.generate(["1 2 0"], n_latent=2, max_new_tokens=3) is not None

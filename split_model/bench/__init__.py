@@ -27,6 +27,8 @@ BENCHES: dict[str, str] = {
     "latent-steps": "split_model.bench.latent_steps:run",
     "suite": "split_model.bench.suite:run",
     "faults": "split_model.bench.faults:run",
+    "retrieval-hops": "split_model.bench.retrieval_hops:run",
+    "retrieval-speed": "split_model.bench.retrieval_speed:run",
 }
 
 
@@ -62,7 +64,11 @@ def bench_main(argv: list[str]) -> dict:
          "latent-steps: accuracy as test-time latent steps go 0..16, with and without sampled latent counts (PNG)",
          "suite: train and score the benchmark configs and their baselines (feedback none/last, written CoT)",
          "faults: every failure scenario (crash and resume, damaged files, NaN, bad config values) against the "
-         "real code: how many behaved as promised"]))
+         "real code: how many behaved as promised",
+         "retrieval-hops: accuracy by hop count on an unseen world (new names, swapped store) for retrieval with "
+         "feedback all, with none, and no retrieval",
+         "retrieval-speed: build time, query latency (batch 1, 64), recall@8 and share of a reasoner step of flat, "
+         "hnsw and ivfpq stores of 200k chunks"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works "
                                                         "(faults: only the scenarios that start no process)")
@@ -71,7 +77,7 @@ def bench_main(argv: list[str]) -> dict:
     p.add_argument("--memory", default="minilm-l6",
                    help="train-speed's memory backbone: a packaged short name or a local Hugging Face directory")
     p.add_argument("--steps", type=int, default=None,
-                   help="train-modes: optimizer steps per trained model, instead of the bench's default")
+                   help="train-modes, retrieval-hops: optimizer steps per trained model, instead of the bench's default")
     p.add_argument("--tasks", default=None,
                    help="suite: comma-separated tasks (default all: prosqa, prontoqa, icot_4x4, gym_chain_sum, ...)")
     p.add_argument("--variants", default=None, help="suite: comma-separated variants of all, none, last, cot (default all four)")

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from split_model.memory import HFMemory
 from split_model.reasoner import Reasoner, ReasonerConfig, Sampling
 from split_model.reasoner.graphs import GraphedTraining
+from split_model.retrieval.lookup import StoreLookup
 from split_model.tasks import Task
 from split_model.training.checkpoints import use_atomic_checkpoints
 from split_model.training.distributed import ignore_frozen_memory
@@ -78,6 +80,17 @@ class SplitModelModule(LightningModule):
             written stays good; skip: the batch is skipped (no optimizer update; counted in
             train/skipped_batches) and training goes on; off: no check. The check reads one
             value on the host per step (on a GPU that is a synchronisation; `off` removes it).
+        store: directory of a retrieval store built by this memory backbone (`split-model index`);
+            required when `reasoner.retrieval_k` > 0. Swapping it (e.g. for evaluation) changes
+            what the model can look up without retraining; a store of another backbone is refused.
+        retrieval_loss: weight of the auxiliary retrieval loss, -log p(gold chunk) among the
+            fetched chunks, on tasks whose reasoning steps are documents of the store (querying
+            step h should fetch step h's document). 0: the query learns through attention alone.
+        retrieval_teacher: in training, put each step's gold chunk among the fetched ones when
+            the search missed it, so later hops and the answer can be learned before the
+            queries are good. Evaluation never does.
+        exclude_question: never fetch a chunk whose text is the question itself (for corpora
+            that hold the training questions).
         matmul_precision: float32 matmul precision set on a CUDA device at setup
             (torch.set_float32_matmul_precision): "high" (TF32 tensor cores, measured faster
             for training), "highest" (full fp32) or "medium". Ignored on CPU.
@@ -99,6 +112,10 @@ class SplitModelModule(LightningModule):
         jacobi_passes: int = 4,
         halting_weight: float = 0.5,
         nonfinite: Literal["stop", "skip", "off"] = "stop",
+        store: str | None = None,
+        retrieval_loss: float = 1.0,
+        retrieval_teacher: bool = True,
+        exclude_question: bool = False,
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
@@ -117,11 +134,15 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"nonfinite must be one of stop, skip, off; got {nonfinite!r}")
         if matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
+        if retrieval_loss < 0:
+            raise ValueError(f"retrieval_loss must be >= 0, got {retrieval_loss}")
         self.save_hyperparameters(ignore=["memory"])
         self.memory = memory = HFMemory(name=memory) if isinstance(memory, str) else memory
+        self.store = open_store(store, memory, reasoner.retrieval_k)
         self.reasoner = Reasoner(
             reasoner, vocab_size=memory.tokenizer.vocab_size, memory_dim=memory.hidden_size,
             num_states=memory.num_states, embed_init=memory.input_embeddings(),
+            key_dim=None if self.store is None else self.store.key_dim,
         )
         self.formatter: Formatter | None = None
         self.task: Task | None = None
@@ -220,7 +241,7 @@ class SplitModelModule(LightningModule):
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
             return self._graphed(*args, batch["mem_states"], batch["mem_mask"], mode, self.jacobi_passes), None, None
-        mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
+        mem = self.encode_memory(batch)
         if mode == "off":
             out = self.reasoner.forward_off(*args, mem, return_hidden=halting)
         elif mode == "jacobi":
@@ -235,7 +256,39 @@ class SplitModelModule(LightningModule):
         any mode) on a GPU with execution auto or compiled, without a halting head (graphs
         return the logits only)."""
         return (self.hparams.execution in ("auto", "compiled") and batch["tokens"].is_cuda
-                and torch.is_grad_enabled() and self.reasoner.halt is None)
+                and torch.is_grad_enabled() and self.reasoner.halt is None and self.store is None)
+
+    def encode_memory(self, batch: dict):
+        """The batch's memory K/V, with a lookup into the store when the model retrieves. The
+        examples' gold chunks (their steps, where those are documents of the store) score
+        retrieval and, in training, teach it; they never change how evaluation runs."""
+        mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
+        if self.store is not None:
+            examples = batch.get("examples")
+            gold = None if examples is None else self.gold_chunks(examples)
+            exclude = None
+            if self.hparams.exclude_question and examples is not None:
+                exclude = np.array([[self._find(e.question)] for e in examples], dtype=np.int64)
+            mem.lookup = StoreLookup(self.store, self.reasoner.cfg.retrieval_k, mem.mask.device, gold=gold,
+                                     teacher=self.training and self.hparams.retrieval_teacher, exclude=exclude)
+        return mem
+
+    def gold_chunks(self, examples) -> np.ndarray | None:
+        """(B, T) the chunk each querying step should fetch: querying step h (position
+        h * retrieval_every) -> the chunk of the example's step h, -1 where a step is not a
+        document of the store; None when no step of the batch is."""
+        every = self.reasoner.cfg.retrieval_every
+        rows = [[self._find(step) for step in e.steps] for e in examples]
+        if not any(i >= 0 for row in rows for i in row):
+            return None
+        gold = np.full((len(rows), every * max(len(r) for r in rows)), -1, dtype=np.int64)
+        for b, row in enumerate(rows):
+            gold[b, : every * len(row) : every] = row
+        return gold
+
+    def _find(self, text: str) -> int:
+        found = self.store.find(text)
+        return -1 if found is None else found
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, mem, hidden = self._logits(batch)
@@ -244,12 +297,27 @@ class SplitModelModule(LightningModule):
         # step on a GPU): with none, e.g. all outside the output vocabulary, the loss is 0, not nan.
         total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
         loss = total / (labels != IGNORE).sum().clamp_min(1)
+        lookup = None if mem is None else mem.lookup
+        if lookup is not None:
+            loss = loss + self._retrieval_terms(lookup, labels.shape[0])
         if hidden is not None:
             halt_loss = self.halting_loss(logits, hidden, batch)
             self.log("train/halt_loss" if self.training else "val/halt_loss", halt_loss, batch_size=labels.shape[0])
             loss = loss + self.hparams.halting_weight * halt_loss
         right = (self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]) | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
+
+    def _retrieval_terms(self, lookup, b: int) -> torch.Tensor | float:
+        """Logs the search's recall of the gold chunks; returns the weighted auxiliary loss."""
+        prefix = "train" if self.training else "val"
+        recall = lookup.recall()
+        if recall is not None:
+            self.log(f"{prefix}/retrieval_recall", recall, batch_size=b, sync_dist=not self.training)
+        aux = lookup.loss()
+        if aux is None:
+            return 0.0
+        self.log(f"{prefix}/retrieval_loss", aux, batch_size=b, sync_dist=not self.training)
+        return self.hparams.retrieval_loss * aux
 
     def halting_loss(self, logits: torch.Tensor, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         """What trains the halting head, over the unlabelled latent steps of each row:
@@ -402,7 +470,7 @@ class SplitModelModule(LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        mem = self.reasoner.encode_memory(batch["mem_states"], batch["mem_mask"])
+        mem = self.encode_memory(batch)
         preds = self.predict_answers(batch, mem)
         return [{"question": e.question, "prediction": p, "answer": e.answer, "score": self.task.score(p, e)}
                 for p, e in zip(preds, batch["examples"])]
@@ -440,7 +508,7 @@ class SplitModelModule(LightningModule):
             raise RuntimeError("no output format known: load the model with load_checkpoint()")
         states = self.memory.encode_texts(questions)
         device = self.reasoner.latent_input.device
-        mem = self.reasoner.encode_memory(states.states.to(device), states.mask.to(device))
+        mem = self.encode_memory({"mem_states": states.states.to(device), "mem_mask": states.mask.to(device)})
         n = torch.full((len(questions),), n_latent, dtype=torch.long, device=device)
         return self._answers(mem, n, max_new_tokens, sampling, on_token)
 
@@ -485,8 +553,25 @@ def check_fingerprint(info: dict, memory: HFMemory) -> None:
         )
 
 
-def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str = "cpu") -> SplitModelModule:
-    """A trained model from a checkpoint; the backbone is rebuilt from its spec unless given.
+def open_store(path: str | None, memory: HFMemory, k: int):
+    """The retrieval store at `path` (checked against the backbone), or None without retrieval."""
+    if k and path is None:
+        raise ValueError("reasoner.retrieval_k > 0 needs a retrieval store: set model.store to a directory written "
+                         "by `split-model index` with this memory backbone")
+    if path is None:
+        return None
+    if not k:
+        raise ValueError(f"model.store={path} is set but reasoner.retrieval_k is 0: set retrieval_k (chunks per "
+                         "query) to use the store, or drop model.store")
+    from split_model.retrieval.store import RetrievalStore
+
+    return RetrievalStore.open(path, memory)
+
+
+def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str = "cpu",
+                    store: str | None = None) -> SplitModelModule:
+    """A trained model from a checkpoint; the backbone is rebuilt from its spec unless given,
+    and a retrieving model opens the store it was trained with unless `store` names another.
 
     Refuses a file that is not a split_model checkpoint and a backbone whose fingerprint differs.
     """
@@ -515,6 +600,8 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
                          "decoded as it was trained; retrain, or save it from a model connected to its data")
     memory = memory or HFMemory(**info["memory_spec"])
     hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in _HPARAMS}
+    if store is not None:
+        hp["store"] = store
     module = SplitModelModule(memory=memory, **{**hp, "reasoner": ReasonerConfig(**info["reasoner"])})
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])
@@ -525,5 +612,6 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
 _RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key -> new
 _NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
-            "matmul_precision", "training_mode", "jacobi_passes", "halting_weight", "nonfinite")
+            "matmul_precision", "training_mode", "jacobi_passes", "halting_weight", "nonfinite", "store",
+            "retrieval_loss", "retrieval_teacher", "exclude_question")
 TRAINING_MODES = ("sequential", "jacobi", "off")
