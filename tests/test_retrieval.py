@@ -34,14 +34,14 @@ class BruteLookup:
         mask = self.mask[safe] & (ids >= 0)[..., None]
         return Retrieved(ids=ids, keys=self.keys[safe], states=self.states[safe], mask=mask)
 
-    def observe(self, positions, ids, log_probs):
+    def observe(self, positions, ids, log_probs, queries):
         self.observed.append(log_probs)
 
 
-def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0) -> Reasoner:
+def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, query: str = "layer") -> Reasoner:
     torch.manual_seed(seed)
     cfg = ReasonerConfig(d_model=32, n_layers=2, n_heads=4, feedback=feedback, retrieval_k=3,
-                         retrieval_every=every, retrieval_layer=layer)
+                         retrieval_every=every, retrieval_layer=layer, retrieval_query=query)
     r = Reasoner(cfg, vocab_size=V, memory_dim=D, num_states=S, key_dim=DK)
     if r.feedback is not None:
         with torch.no_grad():
@@ -83,18 +83,43 @@ def test_gradient_reaches_the_query_projection():
     assert r.retrieval.kind.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("query", ["layer", "previous"])
 @pytest.mark.parametrize("feedback", ["none", "all"])
-def test_training_forward_equals_generation_steps(feedback):
-    """Without feedback the forward is one parallel pass (one search for every position);
-    it must compute what the recurrent steps compute, one search per step."""
-    r = model(feedback)
+def test_training_forward_equals_generation_steps(feedback, query):
+    """Without feedback and with queries from the step's own layer, the forward is one parallel
+    pass (one search for every position); every variant must compute what the recurrent
+    steps compute, one search per step. Jacobi passes (as many as steps) compute it too."""
+    r = model(feedback, query=query)
     tokens, latent, states, mask = inputs()
     parallel = BruteLookup()
     out = r(tokens, latent, memory(r, states, mask, parallel))
     with torch.no_grad():
         ref = stepwise(r, tokens, latent, memory(r, states, mask, BruteLookup()))
+        jacobi = r.forward_jacobi(tokens, latent, memory(r, states, mask, BruteLookup()), passes=tokens.shape[1])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    assert len(parallel.positions) == (1 if feedback == "none" else tokens.shape[1])
+    torch.testing.assert_close(jacobi, ref, rtol=1e-4, atol=1e-5)
+    parallel_pass = feedback == "none" and query == "layer"
+    assert len(parallel.positions) == (1 if parallel_pass else tokens.shape[1])
+
+
+def test_queries_from_the_previous_step_read_its_final_state():
+    """retrieval_query previous: step t's query is a projection of step t-1's normed final hidden."""
+
+    class Spy(BruteLookup):
+        def __call__(self, queries, positions):
+            self.queries = queries
+            return super().__call__(queries, positions)
+
+    r = model("none", query="previous")
+    tokens, latent, states, mask = inputs()
+    spy = Spy()
+    with torch.no_grad():
+        state = r.start(memory(r, states, mask, spy))
+        for t in range(3):
+            _, new = r.step(state, tokens[:, t], latent[:, t])
+            if t:
+                torch.testing.assert_close(spy.queries, r.retrieval.previous(r.norm(state.layer_states[-1])))
+            state = new
 
 
 def test_queries_only_every_n_steps():
@@ -159,6 +184,8 @@ def test_weights_of_a_retrieving_reasoner_match_the_plain_one_for_one_seed():
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(sd[name], value)
     assert {n for n in sd if n not in plain.state_dict()} == {"retrieval.query.weight", "retrieval.kind"}
+    with pytest.raises(ValueError, match="retrieval_query"):
+        ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2, retrieval_query="next")
 
 
 def test_an_answer_only_the_store_holds_is_learned_through_retrieval(tmp_path):
@@ -199,7 +226,7 @@ def test_an_answer_only_the_store_holds_is_learned_through_retrieval(tmp_path):
         batches[w] = next(iter(dm.train_dataloader()))
     opt = module.build_optimizer()
     module.train()
-    for step in range(200):
+    for step in range(300):
         w = "ab"[step % 2]
         module.store = stores[w]
         loss = module._forward(batches[w])[0]
@@ -233,7 +260,7 @@ def test_store_lookup_scores_recall_and_teaches_only_when_asked(tmp_path):
     for teacher in (False, True):
         lookup = StoreLookup(store, 1, "cpu", gold=gold, teacher=teacher)
         got = lookup(far, torch.tensor([0, 1]))
-        assert lookup.asked == 3 and lookup.found == 0 and lookup.recall() == 0.0
+        assert lookup.asked == {0: 2, 1: 1} and lookup.found == {0: 0, 1: 0} and lookup.recall() == 0.0
         ids = got.ids[..., 0].numpy()
         if teacher:  # every gold chunk was put in the (only) slot
             assert (ids[gold >= 0] == gold[gold >= 0]).all()
@@ -243,7 +270,7 @@ def test_store_lookup_scores_recall_and_teaches_only_when_asked(tmp_path):
     near = store.keys(gold.clip(0))
     lookup = StoreLookup(store, 2, "cpu", gold=gold)
     lookup(near, torch.tensor([0, 1]))
-    assert lookup.found == lookup.asked == 3
+    assert lookup.found == lookup.asked == {0: 2, 1: 1} and lookup.recall_by_step() == {0: 1.0, 1: 1.0}
 
 
 def test_a_retrieving_model_needs_a_store_and_refuses_one_it_cannot_use(tmp_path):

@@ -9,8 +9,12 @@ most common city); with feedback none, what hop 1 fetched cannot shape hop 2's q
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,7 +29,8 @@ VARIANTS = {
     "retrieval_none": ["--model.reasoner.feedback=none"],
     "no_retrieval": ["--model.reasoner.feedback=all", "--model.reasoner.retrieval_k=0", "--model.store=null"],
 }
-STEPS = 2000  # optimizer steps per variant (--steps overrides)
+STEPS = 2500  # optimizer steps per variant (--steps overrides)
+WORKERS = 2  # variants trained side by side, one thread each (the machine has 2 cores)
 
 
 def build_store(world: int, n_entities: int, memory, root: Path) -> Path:
@@ -38,6 +43,19 @@ def build_store(world: int, n_entities: int, memory, root: Path) -> Path:
         docs = KnowledgeWorld(world=world, n_entities=n_entities).documents()
         RetrievalStore.build(path, memory, docs, desc=f"world {world} corpus")
     return path
+
+
+def fit(argv: list[str], log_file: Path) -> float:
+    """`split-model fit` in a child process on one thread; returns its wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_file, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "split_model.cli", *argv], env=env, stdout=out,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"split-model {' '.join(argv)} failed (exit {done.returncode}); see {log_file}")
+    return round(time.time() - start, 1)
 
 
 def score_by_hops(module, task, split: str = "valid", batch_size: int = 100) -> dict[str, float]:
@@ -57,7 +75,6 @@ def score_by_hops(module, task, split: str = "valid", batch_size: int = 100) -> 
 
 
 def run(args) -> dict:
-    from split_model.cli import dispatch
     from split_model.memory import HFMemory
     from split_model.tasks import KnowledgeWorld
     from split_model.tasks.world import chance_accuracy
@@ -79,19 +96,22 @@ def run(args) -> dict:
     if args.quick:
         size += ["--data.task.init_args.n_train=200", "--data.task.init_args.n_valid=40",
                  "--data.task.init_args.n_test=40", "--data.batch_size=16"]
-    out: dict = {"variants": {}, "seen_world": {}, "train_seconds": {}}
+    out: dict = {"variants": {}, "seen_world": {}, "train_seconds": {}, "commands": {}}
+    commands = {}
     for name, extra in VARIANTS.items():
         root = runs / name
         store = [] if name == "no_retrieval" else [f"--model.store={stores[0]}"]
-        argv = ["fit", "--config", str(CONFIG), *size, *store, *extra, f"--trainer.max_steps={steps}",
-                f"--trainer.val_check_interval={steps}", f"--trainer.default_root_dir={root}",
-                f"--trainer.logger.init_args.save_dir={root}", "--trainer.accelerator=cpu",
-                "--trainer.enable_progress_bar=false"]
-        log(f"{name}: split-model {' '.join(argv)}")
-        start = time.time()
-        dispatch(argv)
-        out["train_seconds"][name] = round(time.time() - start, 1)
-        ckpt = root / "checkpoints" / "last.ckpt"
+        commands[name] = ["fit", "--config", str(CONFIG), *size, *store, *extra, f"--trainer.max_steps={steps}",
+                          f"--trainer.val_check_interval={steps}", f"--trainer.default_root_dir={root}",
+                          f"--trainer.logger.init_args.save_dir={root}", "--trainer.accelerator=cpu",
+                          "--trainer.enable_progress_bar=false"]
+        out["commands"][name] = "split-model " + " ".join(commands[name])
+        log(f"{name}: {out['commands'][name]}")
+    with ThreadPoolExecutor(WORKERS) as pool:  # the children do the work; threads only wait
+        seconds = {name: pool.submit(fit, argv, runs / name / "fit.log") for name, argv in commands.items()}
+        out["train_seconds"] = {name: job.result() for name, job in seconds.items()}
+    for name in VARIANTS:
+        ckpt = runs / name / "checkpoints" / "last.ckpt"
         for world, task, key in ((1, unseen, "variants"), (0, seen, "seen_world")):
             module = load_checkpoint(str(ckpt), memory=memory,
                                      store=None if name == "no_retrieval" else str(stores[world]))

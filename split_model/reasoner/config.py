@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 FeedbackMode = Literal["none", "last", "all"]
+RetrievalQuery = Literal["layer", "previous"]
 
 
 @dataclass
@@ -33,6 +34,11 @@ class ReasonerConfig:
         retrieval_every: query at steps 0, n, 2n, ... (1: every step).
         retrieval_layer: the query is the output of this many blocks (0: the step's input), and
             the fetched chunks join the cross-attention of blocks retrieval_layer and above.
+        retrieval_query: where a step's query comes from. layer: the output of
+            `retrieval_layer` blocks of the same step (what step t-1 fetched reaches step t's
+            query only through the feedback). previous: the previous step's final hidden
+            state, which has read what that step fetched (hop h+1's query is one projection
+            of hop h's result; step 0, having no previous step, uses the layer rule).
     """
 
     d_model: int = 256  # residual width
@@ -47,6 +53,7 @@ class ReasonerConfig:
     retrieval_k: int = 0  # chunks per query; 0 turns retrieval off
     retrieval_every: int = 1  # steps between queries
     retrieval_layer: int = 1  # query after this many blocks; chunks join the blocks from here up
+    retrieval_query: RetrievalQuery = "layer"  # the query's source: this step's layer, or the previous step's output
 
     def __post_init__(self):
         if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.embed_rank <= 0:
@@ -68,6 +75,8 @@ class ReasonerConfig:
         if self.retrieval_k and not 0 <= self.retrieval_layer < self.n_layers:
             raise ValueError(f"retrieval_layer={self.retrieval_layer} must be in 0..n_layers-1={self.n_layers - 1}: "
                              "the fetched chunks join the blocks from that one up")
+        if self.retrieval_query not in ("layer", "previous"):
+            raise ValueError(f"retrieval_query must be layer or previous, got {self.retrieval_query!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from split_model.reasoner.config import ReasonerConfig
@@ -110,7 +111,7 @@ class Reasoner(nn.Module):
             nn.init.constant_(self.halt.bias, HALT_INIT_BIAS)  # "continue": sigmoid(-3) = 0.047
         self.retrieval = None
         if cfg.retrieval_k:  # created last, for the same reason
-            self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every)
+            self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every, cfg.retrieval_query == "previous")
         self.last_latent_steps: torch.Tensor | None = None  # latent steps each row took in the last generate
         # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
         self.register_buffer("output_ids", None, persistent=False)
@@ -161,8 +162,11 @@ class Reasoner(nn.Module):
         memory: MemoryKV,
         caches: list[LayerCache] | None = None,
         feedback_in: torch.Tensor | None = None,
+        previous: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[LayerCache]]:
-        """T new positions. tokens, latent: (B, T); feedback_in: (B, T, d) or None.
+        """T new positions. tokens, latent: (B, T); feedback_in: (B, T, d) or None; previous:
+        (B, T, d) the normed final hidden of each position's previous step, for retrieval queries
+        (retrieval_query: previous), or None.
 
         Returns the normed final hidden (B, T, d), every layer's output (L+1, B, T, d)
         (index 0 is the input) and the extended caches.
@@ -176,7 +180,7 @@ class Reasoner(nn.Module):
         layer_states, new_caches, fetched = [x], [], None
         for i, blk in enumerate(self.blocks):
             if i == self.cfg.retrieval_layer and self.retrieval is not None and memory.lookup is not None:
-                fetched = self.retrieval(x, pos, memory.lookup, self.adapter)  # joins this block and those above
+                fetched = self.retrieval(x, pos, memory.lookup, self.adapter, previous)  # joins this block and those above
             x, cache = blk(x, None if caches is None else caches[i], memory.kv[i], memory.mask, fetched)
             layer_states.append(x)
             new_caches.append(cache)
@@ -207,10 +211,16 @@ class Reasoner(nn.Module):
         return hidden[:, 0], ReasonerState(memory=state.memory, caches=caches, layer_states=layer_states)
 
     def _step_hidden(self, state: ReasonerState, tokens, latent):
-        fb = None
+        fb = previous = None
         if self.feedback is not None and state.layer_states is not None:
             fb = self.feedback(state.layer_states)  # (B, 1, d)
-        return self.run(tokens, latent, state.memory, state.caches, fb)
+        if self._queries_previous(state.memory) and state.layer_states is not None:
+            previous = self.norm(state.layer_states[-1])  # (B, 1, d)
+        return self.run(tokens, latent, state.memory, state.caches, fb, previous)
+
+    def _queries_previous(self, memory: MemoryKV) -> bool:
+        """Whether retrieval queries come from the previous step (a recurrence even without feedback)."""
+        return memory.lookup is not None and self.cfg.retrieval_query == "previous"
 
     # -- a whole sequence (training) -----------------------------------------------------------
     def forward(
@@ -265,7 +275,8 @@ class Reasoner(nn.Module):
         if passes < 1:
             raise ValueError(f"jacobi needs at least one pass, got {passes}")
         hidden, layer_states, _ = self.run(tokens, latent, memory)
-        if self.feedback is None:  # nothing is fed back: one pass is exact
+        previous = self._queries_previous(memory)
+        if self.feedback is None and not previous:  # nothing is fed back: one pass is exact
             return self._out(hidden, return_hidden)
         t = tokens.shape[1]
         cut = None
@@ -275,8 +286,9 @@ class Reasoner(nn.Module):
             prev = layer_states[:, :, :-1]  # (L+1, B, T-1, d): what positions 1..T-1 read
             if cut is not None:
                 prev = torch.where(cut[: t - 1], prev.detach(), prev)
-            fed = torch.nn.functional.pad(self.feedback(prev), (0, 0, 1, 0))  # position 0 reads nothing
-            hidden, layer_states, _ = self.run(tokens, latent, memory, None, fed)
+            fed = None if self.feedback is None else F.pad(self.feedback(prev), (0, 0, 1, 0))  # position 0 reads nothing
+            last = F.pad(self.norm(prev[-1]), (0, 0, 1, 0)) if previous else None  # (B, T, d) queries' source
+            hidden, layer_states, _ = self.run(tokens, latent, memory, None, fed, last)
         return self._out(hidden, return_hidden)
 
     def forward_dynamic(
@@ -284,7 +296,7 @@ class Reasoner(nn.Module):
         return_hidden: bool = False,
     ):
         """What `forward` computes, one `step` at a time with a growing cache (the reference)."""
-        if self.feedback is None:
+        if self.feedback is None and not self._queries_previous(memory):
             hidden, _, _ = self.run(tokens, latent, memory)
             return self._out(hidden, return_hidden)
         state, hiddens = self.start(memory), []

@@ -9,8 +9,8 @@ those chunks together. Search is not differentiable, so the query learns through
 every token of chunk j gets the additive attention bias log p_j, where
 p = softmax over the k fetched chunks of (query . key_j). Attention that helps the loss
 raises p_j, and the gradient of log p_j moves the query towards key_j and away from the
-other fetched keys. `Lookup.observe` sees those log-probabilities, so a caller that knows
-which chunk a step should have fetched can add a loss on them (see
+other fetched keys. `Lookup.observe` sees those log-probabilities and the queries, so a
+caller that knows which chunk a step should have fetched can add a loss on them (see
 split_model.retrieval.lookup).
 
 Which hop can depend on which: with `retrieval_layer` >= 1 the query reads the question
@@ -49,8 +49,10 @@ class Lookup(Protocol):
     def __call__(self, queries: torch.Tensor, positions: torch.Tensor) -> Retrieved:
         """queries (B, T, Dk), detached; positions (T,) step indices -> the chunks for each."""
 
-    def observe(self, positions: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor) -> None:
-        """Called with the (B, T, k) log-probabilities the reasoner gave the fetched chunks."""
+    def observe(self, positions: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor,
+                queries: torch.Tensor) -> None:
+        """Called with the (B, T, k) log-probabilities the reasoner gave the fetched chunks and
+        the queries (B, T, Dk) with their gradient (for a loss on the queries themselves)."""
 
 
 @dataclass
@@ -64,26 +66,32 @@ class Fetched:
 class RetrievalHead(nn.Module):
     """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
 
-    def __init__(self, d_model: int, key_dim: int, every: int):
+    def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False):
         super().__init__()
         self.every = every
         self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
+        # retrieval_query previous: a second projection, of the previous step's final hidden state
+        self.previous = nn.Linear(d_model, key_dim, bias=False) if from_previous else None
         # Marks fetched tokens apart from the question's (both carry token positions 0, 1, ...).
         self.kind = nn.Parameter(torch.zeros(d_model))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module) -> Fetched | None:
-        """x (B, T, d) states of the querying layer at steps `positions` (T,); None when no
-        position queries (a step between queries)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module,
+                previous: torch.Tensor | None = None) -> Fetched | None:
+        """x (B, T, d) states of the querying layer at steps `positions` (T,); previous (B, T, d):
+        each position's previous step's final hidden state (used where the head reads it, at
+        positions > 0). None when no position queries (a step between queries)."""
         asking = positions % self.every == 0  # (T,)
         if x.shape[1] == 1 and not bool(asking[0]):  # one step, known on the host (positions are host-made)
             return None
         q = self.query(x)  # (B, T, Dk)
+        if self.previous is not None and previous is not None:
+            q = torch.where((positions == 0)[None, :, None], q, self.previous(previous))
         found = lookup(q.detach(), positions)
         b, t, k, n = found.mask.shape
         valid = (found.ids >= 0) & asking[None, :, None]  # (B, T, k)
         scores = torch.einsum("btd,btkd->btk", q, found.keys.to(q.dtype)).masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
-        lookup.observe(positions, found.ids.masked_fill(~valid, -1), log_p)
+        lookup.observe(positions, found.ids.masked_fill(~valid, -1), log_p, q)
         states = adapter(found.states.flatten(0, 2)).view(b, t, k * n, -1) + self.kind  # (B*T*k, n, S, D) -> (B, T, k*n, d)
         real = (found.mask & valid[..., None]).flatten(2)  # (B, T, k*n)
         bias = log_p[..., None].expand(b, t, k, n).flatten(2).masked_fill(~real, float("-inf"))

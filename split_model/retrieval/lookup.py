@@ -7,9 +7,12 @@ e.g. the knowledge worlds), it also
 - measures recall: the share of gold steps whose chunk the search itself found;
 - in training (`teacher`), puts a missing gold chunk in the last slot, so that later hops
   and the answer can be learned before the queries are good (evaluation never does);
-- turns the log-probabilities the reasoner gave the fetched chunks into the auxiliary
-  retrieval loss: the mean of -log p(gold chunk) over gold steps (a softmax over the
-  fetched chunks, whose wrong ones are the hardest negatives the store has).
+- gives the auxiliary retrieval loss: the mean over gold steps of -log p(gold chunk), a
+  softmax of query . key over the gold chunk, the fetched ones (the hardest negatives the
+  store has) and `negatives` chunks drawn at random from the store (all of it when it is
+  smaller). The fetched chunks alone teach slowly: a query far from its gold chunk only
+  learns to leave its own neighbourhood; the random ones say where the gold chunk lies
+  among all the others.
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ from split_model.reasoner.retrieval import Retrieved
 
 class StoreLookup:
     def __init__(self, store, k: int, device: torch.device | str, *, gold: np.ndarray | None = None,
-                 teacher: bool = False, exclude: np.ndarray | None = None):
+                 teacher: bool = False, exclude: np.ndarray | None = None, negatives: int = 1024, seed: int = 0):
         """store: a RetrievalStore; gold: (B, T) chunk id each step should fetch, -1 where none;
-        exclude: (B, E) chunk ids never returned to row b (e.g. its own document), -1 padding."""
+        exclude: (B, E) chunk ids never returned to row b (e.g. its own document), -1 padding;
+        negatives: random chunks in the loss's softmax besides the gold and fetched ones,
+        drawn once per lookup with `seed`."""
         self.store, self.k, self.device = store, k, torch.device(device)
         self.key_dim = store.key_dim
         self.gold, self.teacher, self.exclude = gold, teacher, exclude
-        self.asked = 0  # gold steps searched
-        self.found = 0  # of those, how many the search itself found (before any teacher insert)
+        n = store.num_chunks
+        self.random = np.arange(n) if negatives >= n else np.random.default_rng(seed).choice(n, negatives, replace=False)
+        self.asked: dict[int, int] = {}  # step position -> gold steps searched there
+        self.found: dict[int, int] = {}  # of those, how many the search itself found (before any teacher insert)
         self._terms: list[torch.Tensor] = []  # per observed call: sum of -log p(gold)
-        self._scored = 0  # gold steps with the gold chunk among the fetched
+        self._scored = 0  # gold steps in the loss
 
     def __call__(self, queries: torch.Tensor, positions: torch.Tensor) -> Retrieved:
         b, t, dk = queries.shape
@@ -43,8 +50,9 @@ class StoreLookup:
         if gold is not None:
             wanted = gold >= 0
             hit = (ids == gold[..., None]).any(-1)
-            self.asked += int(wanted.sum())
-            self.found += int((hit & wanted).sum())
+            for j, p in enumerate(positions.tolist()):
+                self.asked[p] = self.asked.get(p, 0) + int(wanted[:, j].sum())
+                self.found[p] = self.found.get(p, 0) + int((hit & wanted)[:, j].sum())
             if self.teacher:
                 ids[..., -1] = np.where(wanted & ~hit, gold, ids[..., -1])
         states, mask = self.store.values(ids)
@@ -54,24 +62,34 @@ class StoreLookup:
         to = self.device
         return Retrieved(ids=torch.from_numpy(ids).to(to), keys=keys.to(to), states=states.to(to), mask=mask.to(to))
 
-    def observe(self, positions: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor) -> None:
+    def observe(self, positions: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor,
+                queries: torch.Tensor) -> None:
         gold = self._gold_at(positions)
-        if gold is None:
+        if gold is None or not (gold >= 0).any():
             return
-        gold = torch.from_numpy(gold).to(ids.device)[..., None]  # (B, T, 1)
-        hit = (ids == gold) & (gold >= 0)  # (B, T, k): at most one slot per step
-        self._terms.append(-(log_probs * hit).sum())
-        self._scored += int(hit.sum())
+        wanted = torch.from_numpy(gold >= 0).to(queries.device)
+        q, g = queries[wanted], gold[gold >= 0]  # (M, Dk), (M,)
+        fetched = ids[wanted].flatten().cpu().numpy()
+        candidates = np.unique(np.concatenate([g, fetched[fetched >= 0], self.random]))  # sorted
+        keys = self.store.keys(candidates).to(queries.device, queries.dtype)  # (C, Dk)
+        target = torch.from_numpy(np.searchsorted(candidates, g)).to(queries.device)
+        self._terms.append(torch.nn.functional.cross_entropy(q @ keys.T, target, reduction="sum"))
+        self._scored += len(g)
 
     def loss(self) -> torch.Tensor | None:
-        """Mean -log p(gold chunk) over the steps that had it among the fetched; None without any."""
+        """Mean -log p(gold chunk) over the gold steps seen; None without any."""
         if not self._scored:
             return None
         return torch.stack(self._terms).sum() / self._scored
 
     def recall(self) -> float | None:
         """Share of gold steps whose chunk the search found; None when no step had a gold chunk."""
-        return self.found / self.asked if self.asked else None
+        asked = sum(self.asked.values())
+        return sum(self.found.values()) / asked if asked else None
+
+    def recall_by_step(self) -> dict[int, float]:
+        """The same, per step position (querying step h of a multi-hop question: hop h + 1)."""
+        return {p: self.found[p] / n for p, n in sorted(self.asked.items()) if n}
 
     def _gold_at(self, positions: torch.Tensor) -> np.ndarray | None:
         """(B, T) gold ids at these step positions (-1 beyond the known ones), or None."""

@@ -84,8 +84,10 @@ class SplitModelModule(LightningModule):
             required when `reasoner.retrieval_k` > 0. Swapping it (e.g. for evaluation) changes
             what the model can look up without retraining; a store of another backbone is refused.
         retrieval_loss: weight of the auxiliary retrieval loss, -log p(gold chunk) among the
-            fetched chunks, on tasks whose reasoning steps are documents of the store (querying
+            store's chunks, on tasks whose reasoning steps are documents of the store (querying
             step h should fetch step h's document). 0: the query learns through attention alone.
+        retrieval_negatives: random store chunks in that loss's softmax besides the gold and the
+            fetched ones (the whole store when it is smaller).
         retrieval_teacher: in training, put each step's gold chunk among the fetched ones when
             the search missed it, so later hops and the answer can be learned before the
             queries are good. Evaluation never does.
@@ -114,6 +116,7 @@ class SplitModelModule(LightningModule):
         nonfinite: Literal["stop", "skip", "off"] = "stop",
         store: str | None = None,
         retrieval_loss: float = 1.0,
+        retrieval_negatives: int = 1024,
         retrieval_teacher: bool = True,
         exclude_question: bool = False,
     ):
@@ -134,8 +137,9 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"nonfinite must be one of stop, skip, off; got {nonfinite!r}")
         if matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
-        if retrieval_loss < 0:
-            raise ValueError(f"retrieval_loss must be >= 0, got {retrieval_loss}")
+        if retrieval_loss < 0 or retrieval_negatives < 0:
+            raise ValueError(f"retrieval_loss and retrieval_negatives must be >= 0, got {retrieval_loss}, "
+                             f"{retrieval_negatives}")
         self.save_hyperparameters(ignore=["memory"])
         self.memory = memory = HFMemory(name=memory) if isinstance(memory, str) else memory
         self.store = open_store(store, memory, reasoner.retrieval_k)
@@ -270,7 +274,8 @@ class SplitModelModule(LightningModule):
             if self.hparams.exclude_question and examples is not None:
                 exclude = np.array([[self._find(e.question)] for e in examples], dtype=np.int64)
             mem.lookup = StoreLookup(self.store, self.reasoner.cfg.retrieval_k, mem.mask.device, gold=gold,
-                                     teacher=self.training and self.hparams.retrieval_teacher, exclude=exclude)
+                                     teacher=self.training and self.hparams.retrieval_teacher, exclude=exclude,
+                                     negatives=self.hparams.retrieval_negatives, seed=self.global_step)
         return mem
 
     def gold_chunks(self, examples) -> np.ndarray | None:
@@ -313,6 +318,8 @@ class SplitModelModule(LightningModule):
         recall = lookup.recall()
         if recall is not None:
             self.log(f"{prefix}/retrieval_recall", recall, batch_size=b, sync_dist=not self.training)
+            for step, value in lookup.recall_by_step().items():
+                self.log(f"{prefix}/retrieval_recall_step{step}", value, batch_size=b, sync_dist=not self.training)
         aux = lookup.loss()
         if aux is None:
             return 0.0
@@ -613,5 +620,5 @@ _RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key ->
 _NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
             "matmul_precision", "training_mode", "jacobi_passes", "halting_weight", "nonfinite", "store",
-            "retrieval_loss", "retrieval_teacher", "exclude_question")
+            "retrieval_loss", "retrieval_negatives", "retrieval_teacher", "exclude_question")
 TRAINING_MODES = ("sequential", "jacobi", "off")
