@@ -98,6 +98,8 @@ def generate_main(argv: list[str]) -> list[str]:
                     "batch in one pass and the reasoner writes every answer of the batch at once.")
     p.add_argument("--checkpoint", required=True, help="a .ckpt written by `split-model fit`")
     p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
+    p.add_argument("--store", default=None, help="a retrieving model: search this store (built by `split-model "
+                                                 "index` with the same backbone) instead of the one it was trained with")
     p.add_argument("--file", help="a text file with one question per line")
     p.add_argument("--latent-steps", type=int, default=None,
                    help="latent steps before the answer (default: the most common count in the training "
@@ -141,7 +143,7 @@ def generate_main(argv: list[str]) -> list[str]:
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        model = load_checkpoint(args.checkpoint).to(device)
+        model = load_checkpoint(args.checkpoint, store=args.store).to(device)
     except (FileNotFoundError, ValueError) as e:  # a wrong path, a foreign or damaged file, another backbone
         p.error(str(e))
     n_latent = args.latent_steps if args.latent_steps is not None else model.formatter.default_latent

@@ -310,7 +310,7 @@ def test_gold_chunks_follow_the_querying_steps(tmp_path):
     assert module.gold_chunks([Example("q", ("nowhere",), "z")]) is None
 
 
-def test_checkpoint_of_a_retrieving_model_reopens_its_store_or_another(tmp_path):
+def test_checkpoint_of_a_retrieving_model_reopens_its_store_or_another(tmp_path, capsys):
     from conftest import tiny_data, tiny_memory, tiny_trainer
 
     from split_model.training import SplitModelModule
@@ -332,3 +332,12 @@ def test_checkpoint_of_a_retrieving_model_reopens_its_store_or_another(tmp_path)
     other = load_checkpoint(str(tmp_path / "m.ckpt"), memory=memory, store=str(tmp_path / "b"))
     assert other.store.path.name == "b"
     assert other.generate(["1 2 0"], n_latent=2, max_new_tokens=3) is not None
+    from split_model.cli import dispatch
+
+    answers = dispatch(["generate", "--checkpoint", str(tmp_path / "m.ckpt"), "--store", str(tmp_path / "b"),
+                        "--question", "1 2 0", "--device", "cpu", "--max-new-tokens", "3"])
+    assert answers == other.generate(["1 2 0"], n_latent=2, max_new_tokens=3)
+    with pytest.raises(SystemExit):
+        dispatch(["generate", "--checkpoint", str(tmp_path / "m.ckpt"), "--store", str(tmp_path / "nowhere"),
+                  "--question", "1 2 0", "--device", "cpu"])
+    assert "no retrieval store at" in capsys.readouterr().err
