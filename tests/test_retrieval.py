@@ -269,8 +269,20 @@ def test_store_lookup_scores_recall_and_teaches_only_when_asked(tmp_path):
         assert got.states.shape[:3] == (2, 2, 1) and got.mask.shape[:3] == (2, 2, 1)
     near = store.keys(gold.clip(0))
     lookup = StoreLookup(store, 2, "cpu", gold=gold)
-    lookup(near, torch.tensor([0, 1]))
+    got = lookup(near, torch.tensor([0, 1]))
     assert lookup.found == lookup.asked == {0: 2, 1: 1} and lookup.recall_by_step() == {0: 1.0, 1: 1.0}
+    # The gold-chunk loss: a softmax of query . key over the gold, fetched and random chunks
+    # (here the whole store), averaged over the 3 gold steps; it pulls queries to their gold keys.
+    for scale, low in ((1000.0, True), (-1000.0, False)):  # random-backbone keys are close: large scales
+        q = (scale * near).requires_grad_()
+        lookup = StoreLookup(store, 2, "cpu", gold=gold)
+        lookup.observe(torch.tensor([0, 1]), got.ids, torch.zeros(2, 2, 2), q)
+        loss = lookup.loss()
+        assert (loss < 0.1) if low else (loss > 5)
+        loss.backward()
+        step = -q.grad[gold >= 0]  # descent direction per gold step
+        assert ((step * near[gold >= 0]).sum(-1) >= -1e-4).all()
+    assert StoreLookup(store, 2, "cpu").loss() is None
 
 
 def test_a_retrieving_model_needs_a_store_and_refuses_one_it_cannot_use(tmp_path):

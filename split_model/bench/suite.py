@@ -37,6 +37,7 @@ GYM = {
     "leg_counting": {"min_animals": 1, "max_animals": 3, "max_instances": 3},
     "gcd": {"min_value": 1, "max_value": 100},
     "family_relationships": {},
+    "aiw": {},  # "Alice in Wonderland": how many sisters does X's brother have (answers 2..7)
 }
 COT = ["--data.steps=text", "--data.latent_steps=0"]
 
