@@ -55,6 +55,17 @@ def run_lightning(argv: list[str] | None):
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
 
+        def _parse_ckpt_path(self) -> None:
+            # With --ckpt_path, Lightning replaces the model's settings by the checkpoint's. The
+            # retrieval store is what the model searches, not what it learned: the config's and
+            # the command line's store stays (validate on another world by naming its store).
+            sub = self.config.get("subcommand")
+            model = self.config[sub].get("model") if sub else None
+            store = None if model is None else model.get("store")
+            super()._parse_ckpt_path()
+            if store is not None:
+                self.config[sub]["model"]["store"] = store
+
         def before_instantiate_classes(self) -> None:
             config = self.config.get(self.subcommand, self.config)
             if config.get("checkpoint") is not None and config["checkpoint"].get("dirpath") is None:

@@ -275,3 +275,29 @@ def test_a_user_error_is_one_line_and_status_1_with_the_traceback_on_request(tin
     monkeypatch.setenv("SPLIT_MODEL_TRACEBACK", "1")
     with pytest.raises(ValueError, match="unknown backbone 'gpt-17'"):
         main(argv)
+
+
+def test_validate_with_a_checkpoint_searches_the_store_it_is_given(tiny, tmp_path):
+    """With --ckpt_path Lightning replaces the model's settings by the checkpoint's; the store
+    named on the command line must still be the one searched."""
+    import yaml
+
+    from split_model.memory import HFMemory
+    from split_model.retrieval import RetrievalStore
+
+    spec = yaml.safe_load((tiny.repo / "configs" / "debug.yaml").read_text())["model"]["memory"]["init_args"]
+    memory = HFMemory(**spec)
+    for name in ("a", "b"):
+        RetrievalStore.build(tmp_path / name, memory, ["ball at 0.", "swap 1 2.", f"store {name}."])
+    retrieving = ["--model.reasoner.retrieval_k=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tiny.repo)
+        mp.setattr(sys, "argv", ["split-model"])
+        fitted = dispatch(fit_args(tmp_path, *retrieving, f"--model.store={tmp_path / 'a'}", "--trainer.max_steps=2"))
+        ckpt = fitted.trainer.checkpoint_callback.last_model_path
+        cli = dispatch(["validate", "--config", "configs/debug.yaml", "--ckpt_path", ckpt, *SMALL_DATA, *retrieving,
+                        f"--model.store={tmp_path / 'b'}", "--data.cache_dir", str(tmp_path / "cache"),
+                        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir",
+                        str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert fitted.model.store.path == tmp_path / "a"
+    assert cli.model.store.path == tmp_path / "b"
