@@ -29,6 +29,7 @@ BENCHES: dict[str, str] = {
     "faults": "split_model.bench.faults:run",
     "retrieval-hops": "split_model.bench.retrieval_hops:run",
     "retrieval-speed": "split_model.bench.retrieval_speed:run",
+    "rl-neuralese": "split_model.bench.rl_neuralese:run",
 }
 
 
@@ -68,7 +69,9 @@ def bench_main(argv: list[str]) -> dict:
          "retrieval-hops: accuracy by hop count on an unseen world (new names, swapped store) for retrieval with "
          "feedback all, with none, and no retrieval",
          "retrieval-speed: build time, query latency (batch 1, 64), recall@8 and share of a reasoner step of flat, "
-         "hnsw and ivfpq stores of 200k chunks"]))
+         "hnsw and ivfpq stores of 200k chunks",
+         "rl-neuralese: shell game; supervised with feedback off, then RL with feedback on (feedback path only, all "
+         "parameters, with noise on the fed-back vectors) vs supervised with feedback all (PNG of the rewards)"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works "
                                                         "(faults: only the scenarios that start no process)")
@@ -77,7 +80,8 @@ def bench_main(argv: list[str]) -> dict:
     p.add_argument("--memory", default="minilm-l6",
                    help="train-speed's memory backbone: a packaged short name or a local Hugging Face directory")
     p.add_argument("--steps", type=int, default=None,
-                   help="train-modes, retrieval-hops: optimizer steps per trained model, instead of the bench's default")
+                   help="train-modes, retrieval-hops: optimizer steps per trained model; rl-neuralese: RL steps per "
+                        "variant (instead of the bench's default)")
     p.add_argument("--tasks", default=None,
                    help="suite: comma-separated tasks (default all: prosqa, prontoqa, icot_4x4, gym_chain_sum, ...)")
     p.add_argument("--variants", default=None, help="suite: comma-separated variants of all, none, last, cot (default all four)")

@@ -7,6 +7,7 @@ refused, because the reasoner learned to read that backbone's states and no othe
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict
 from typing import Literal
@@ -26,6 +27,17 @@ from split_model.training.checkpoints import use_atomic_checkpoints
 from split_model.training.distributed import ignore_frozen_memory
 from split_model.training.format import IGNORE, Formatter
 from split_model.training.report import TestReport, markdown_table
+from split_model.training.rl import (
+    RLConfig,
+    action_log_probs,
+    feedback_log_density,
+    feedback_parameter_names,
+    group_advantages,
+    k3_kl,
+    noisy_rollout,
+    repeat_memory,
+    sampled_sequences,
+)
 
 CKPT_KEY = "split_model"
 FALLBACK_BUDGET = 64  # tokens written in evaluation when neither max_new_tokens nor the train split says
@@ -96,6 +108,18 @@ class SplitModelModule(LightningModule):
         matmul_precision: float32 matmul precision set on a CUDA device at setup
             (torch.set_float32_matmul_precision): "high" (TF32 tensor cores, measured faster
             for training), "highest" (full fp32) or "medium". Ignored on CPU.
+        objective: supervised (cross-entropy on the data's labels) or rl (sample `rl.group_size`
+            answers per question, reward them with the task's own score, group-relative policy
+            gradient with a KL penalty to the model RL started from; see split_model/training/rl.py
+            and README "Reinforcement learning of the neuralese"). RL runs the exact recurrence
+            (training_mode sequential) and needs no labels beyond the answers the task scores.
+        rl: the RL settings (group size, temperature, KL weight, what is trainable, noise on the
+            fed-back vectors); used with objective rl.
+        init_from: a checkpoint (`split-model fit` writes them) whose reasoner weights this model
+            starts from: the same backbone and reasoner shape. Feedback parameters the checkpoint
+            lacks (it was trained with feedback none) start fresh with the gate closed, so the
+            model computes what the checkpoint computed. Optimizer state and step are not taken
+            (`--ckpt_path` resumes a run; this starts a new one).
     """
 
     def __init__(
@@ -119,6 +143,9 @@ class SplitModelModule(LightningModule):
         retrieval_negatives: int = 1024,
         retrieval_teacher: bool = True,
         exclude_question: bool = False,
+        objective: Literal["supervised", "rl"] = "supervised",
+        rl: RLConfig = RLConfig(),  # never mutated: safe as a default
+        init_from: str | None = None,
     ):
         super().__init__()
         if bptt_steps is not None and bptt_steps <= 0:
@@ -140,6 +167,10 @@ class SplitModelModule(LightningModule):
         if retrieval_loss < 0 or retrieval_negatives < 0:
             raise ValueError(f"retrieval_loss and retrieval_negatives must be >= 0, got {retrieval_loss}, "
                              f"{retrieval_negatives}")
+        if objective not in ("supervised", "rl"):
+            raise ValueError(f"objective must be supervised or rl, got {objective!r}")
+        if objective == "rl":
+            check_rl_settings(rl, reasoner, training_mode, store)
         self.save_hyperparameters(ignore=["memory"])
         self.memory = memory = HFMemory(name=memory) if isinstance(memory, str) else memory
         self.store = open_store(store, memory, reasoner.retrieval_k)
@@ -159,7 +190,43 @@ class SplitModelModule(LightningModule):
         self.grad_probe: list[torch.Tensor] | None = None  # per-position input gradients (stability logging)
         self._loss: torch.Tensor | None = None  # this step's training loss, checked before the optimizer step
         self.skipped_batches = 0  # batches skipped for a non-finite loss or gradient (nonfinite: skip)
+        if init_from is not None:
+            self.load_reasoner_weights(init_from)
+        self.rl = rl if objective == "rl" else None
+        self._reference: Reasoner | None = None  # the frozen policy RL started from (built on first use)
+        self._reference_state: dict[str, torch.Tensor] | None = None
+        if self.rl is not None:
+            self._reference_state = {k: v.detach().clone() for k, v in self.reasoner.state_dict().items()}
+            if self.rl.trainable == "feedback_only":
+                trained = set(feedback_parameter_names(self.reasoner))
+                for name, p in self.reasoner.named_parameters():
+                    p.requires_grad_(name in trained)
         rank_zero_info(self.describe())
+
+    def load_reasoner_weights(self, path: str) -> None:
+        """Start from the reasoner weights of the checkpoint at `path` (see `init_from`)."""
+        ckpt = read_checkpoint(path)
+        check_fingerprint(ckpt[CKPT_KEY], self.memory)
+        weights = {_RENAMED.get(k, k): v for k, v in ckpt["state_dict"].items() if k.startswith("reasoner.")}
+        ours = {k: v for k, v in super().state_dict().items() if k.startswith("reasoner.")}
+        fresh = [k for k in ours if k not in weights and k.startswith("reasoner.feedback.")]
+        missing = [k for k in ours if k not in weights and k not in fresh]
+        unexpected = [k for k in weights if k not in ours]
+        wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+                 if k in weights and weights[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            theirs = ckpt[CKPT_KEY].get("reasoner", {})
+            raise ValueError(
+                f"model.init_from={path}: its reasoner does not fit model.reasoner "
+                f"(checkpoint: {', '.join(f'{k}={theirs.get(k)}' for k in _SHAPE_KEYS)}; config: "
+                f"{', '.join(f'{k}={getattr(self.reasoner.cfg, k)}' for k in _SHAPE_KEYS)}). Missing "
+                f"{missing[:4]}, unexpected {unexpected[:4]}, other shapes {wrong[:4]}: set the reasoner as "
+                "the checkpoint was trained")
+        with torch.no_grad():
+            for k, v in weights.items():
+                ours[k].copy_(v)
+        rank_zero_info(f"reasoner weights from {path}" + (f"; feedback path fresh (gate closed): {len(fresh)} tensors"
+                                                          if fresh else ""))
 
     def describe(self) -> str:
         n_train = sum(p.numel() for p in self.reasoner.parameters())
@@ -200,7 +267,8 @@ class SplitModelModule(LightningModule):
         decayed = set(self.decayed_parameters())
         decay, no_decay = [], []
         for name, p in self.reasoner.named_parameters():
-            (decay if name in decayed else no_decay).append(p)
+            if p.requires_grad:  # rl.trainable feedback_only freezes the rest
+                (decay if name in decayed else no_decay).append(p)
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=(0.9, 0.95), fused=self._fused_optimizer(),
@@ -365,6 +433,8 @@ class SplitModelModule(LightningModule):
             return True
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.rl is not None:
+            return self._rl_step(batch)
         diagnostics = self._diagnostics_now()
         probe = diagnostics and not self._uses_graphs(batch)  # a captured graph runs no Python hooks
         self.grad_probe = [] if probe else None
@@ -380,6 +450,74 @@ class SplitModelModule(LightningModule):
                 self.log("train/feedback_gate", self.reasoner.feedback.openness(), batch_size=b)
             gates = torch.stack([torch.tanh(blk.xattn.gate.detach()) for blk in self.reasoner.blocks])
             self.log("train/xattn_gate", gates.mean(), batch_size=b)
+        return loss
+
+    # -- reinforcement learning (objective: rl) -------------------------------------------------
+    def reference(self) -> Reasoner:
+        """The frozen reference policy: the reasoner as RL started (or as the checkpoint being
+        resumed recorded it), with the same output vocabulary."""
+        if self._reference is None:
+            ref = copy.deepcopy(self.reasoner).requires_grad_(False).eval()
+            ref.load_state_dict(self._reference_state)
+            object.__setattr__(self, "_reference", ref)  # not a submodule: out of state dicts and optimizers
+        return self._reference
+
+    def _rl_step(self, batch: dict) -> torch.Tensor:
+        """Sample G answers per question, reward them with the task's score, and return the
+        group-relative policy-gradient loss plus the KL penalty (see split_model/training/rl.py)."""
+        cfg, r = self.rl, self.reasoner
+        g, b = cfg.group_size, batch["mem_states"].shape[0]
+        tok, fmt = self.memory.tokenizer, self.formatter
+        states, mask = repeat_memory(batch["mem_states"], batch["mem_mask"], g)
+        mem = r.encode_memory(states, mask)
+        k, budget = fmt.default_latent, self.answer_budget()
+        sampling = cfg.sampling(self.global_step, self.global_rank)
+        fed = None
+        if cfg.feedback_noise > 0:
+            ids, fed = noisy_rollout(r, mem, k, budget, tok.bos_id, tok.eos_id, sampling,
+                                     cfg.feedback_noise)
+        else:
+            with torch.no_grad():
+                n_latent = torch.full((b * g,), k, dtype=torch.long, device=mask.device)
+                ids = r.generate(mem, n_latent, tok.bos_id, tok.eos_id, budget, sampling=sampling,
+                                 decoder=self._decoder_kind())
+        examples = [e for e in batch["examples"] for _ in range(g)]
+        rewards = torch.tensor([float(self.task.score(fmt.answer_from(x), e)) for x, e in zip(ids, examples)],
+                               device=mask.device).view(b, g)
+        adv = group_advantages(rewards, cfg.scale_by_std).flatten()  # (B*G,)
+        tokens, latent, chosen = sampled_sequences(ids, k, budget, tok.bos_id, tok.eos_id, tok.pad_id, mask.device)
+        actions = self._label_index(chosen)
+        taken = actions != IGNORE  # (B*G, T)
+        n_actions = taken.sum().clamp_min(1)
+        if fed is not None:
+            fed = fed[:, : tokens.shape[1]]
+            logits, logdens = feedback_log_density(r, tokens, latent, mem, fed, cfg.feedback_noise)
+            used = taken.flip(1).cumsum(1).flip(1) > 0  # positions up to each row's last action
+            with torch.no_grad():
+                ref_logits, _ = feedback_log_density(self.reference(), tokens, latent,
+                                                     self.reference().encode_memory(states, mask), fed, 1.0)
+        else:
+            logits = r(tokens, latent, mem, self.hparams.bptt_steps)
+            with torch.no_grad():
+                ref = self.reference()
+                ref_logits = ref(tokens, latent, ref.encode_memory(states, mask))
+        logp = action_log_probs(logits, actions, cfg.temperature)
+        ref_logp = action_log_probs(ref_logits, actions, cfg.temperature)
+        policy = -(adv[:, None] * logp).sum() / n_actions  # token-level mean over the batch
+        if fed is not None:
+            policy = policy - (adv[:, None] * logdens * used).sum() / n_actions
+        kl = k3_kl(logp, ref_logp, taken)
+        loss = policy + cfg.kl_weight * kl
+        self._loss = loss.detach()
+        group_std = rewards.std(dim=1, unbiased=False)
+        log = dict(batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, **log)
+        self.log("train/reward", rewards.mean(), prog_bar=True, **log)
+        self.log("train/reward_std", group_std.mean(), **log)
+        self.log("train/kl", kl, prog_bar=True, **log)
+        self.log("train/answer_tokens", taken.sum(1).float().mean(), **log)
+        if r.feedback is not None:
+            self.log("train/feedback_gate", r.feedback.openness(), **log)
         return loss
 
     def on_after_backward(self) -> None:
@@ -491,19 +629,25 @@ class SplitModelModule(LightningModule):
         if oracle:
             budget = self.hparams.max_new_tokens or int((batch["labels"] != IGNORE).sum(1).max()) + 2
             return self._answers(mem, batch["n_latent"], budget)
-        budget = self.hparams.max_new_tokens or (self.formatter.max_target or FALLBACK_BUDGET) + 2
         n_latent = torch.full_like(batch["n_latent"], self.formatter.default_latent)
-        return self._answers(mem, n_latent, budget)
+        return self._answers(mem, n_latent, self.answer_budget())
+
+    def answer_budget(self) -> int:
+        """Tokens a raw question may be answered with: `max_new_tokens`, else the longest target
+        of the train split + 2."""
+        return self.hparams.max_new_tokens or (self.formatter.max_target or FALLBACK_BUDGET) + 2
 
     def _answers(self, mem, n_latent: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None,
                  on_token=None) -> list[str]:
         """Generation after n_latent (B,) latent steps (greedy unless sampling), decoded to answers."""
         tok = self.memory.tokenizer
-        decoder = {"auto": "graphs", "compiled": "compiled", "static": "static", "dynamic": "dynamic"}[self.hparams.execution]
         ids = self.reasoner.generate(mem, n_latent, tok.bos_id, tok.eos_id, max_new_tokens, sampling=sampling,
-                                     decoder=decoder, on_token=on_token)
+                                     decoder=self._decoder_kind(), on_token=on_token)
         self.last_written = [len(x) + (len(x) < max_new_tokens) for x in ids]  # + the eos, when one was written
         return [self.formatter.answer_from(x) for x in ids]
+
+    def _decoder_kind(self) -> str:
+        return {"auto": "graphs", "compiled": "compiled", "static": "static", "dynamic": "dynamic"}[self.hparams.execution]
 
     @torch.no_grad()
     def generate(self, questions: list[str], n_latent: int = 0, max_new_tokens: int = 64,
@@ -534,14 +678,20 @@ class SplitModelModule(LightningModule):
         # Lightning reads `ckpt_path` with torch.load(weights_only=True), which refuses pickled
         # classes: keep the hyperparameters plain data, as LightningCLI already does.
         hp = checkpoint.get("hyper_parameters")
-        if isinstance(hp, dict) and isinstance(hp.get("reasoner"), ReasonerConfig):
-            hp["reasoner"] = asdict(hp["reasoner"])
+        if isinstance(hp, dict):
+            for key, kind in (("reasoner", ReasonerConfig), ("rl", RLConfig)):
+                if isinstance(hp.get(key), kind):
+                    hp[key] = asdict(hp[key])
+        if self._reference_state is not None:  # a resumed RL run keeps its reference policy
+            checkpoint[RL_REFERENCE_KEY] = self._reference_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get(CKPT_KEY)
         if info is None:
             raise ValueError("not a split_model checkpoint: it has no backbone fingerprint")
         check_fingerprint(info, self.memory)
+        if self.rl is not None and RL_REFERENCE_KEY in checkpoint:
+            self._reference_state, self._reference = checkpoint[RL_REFERENCE_KEY], None
         self._format_spec = info.get("format")
         self.reasoner.set_output_vocab(info.get("output_ids"))
         fmt, formatter = self._format_spec or {}, self.formatter
@@ -560,6 +710,22 @@ def check_fingerprint(info: dict, memory: HFMemory) -> None:
         )
 
 
+def check_rl_settings(rl: RLConfig, reasoner: ReasonerConfig, training_mode: str, store: str | None) -> None:
+    """What objective rl refuses, with what to change."""
+    if training_mode != "sequential":
+        raise ValueError(f"objective rl samples and scores answers with the exact recurrence: set training_mode "
+                         f"sequential (it is {training_mode!r}); Jacobi and off passes are for supervised training")
+    if store is not None or reasoner.retrieval_k:
+        raise ValueError("objective rl does not support retrieval yet: drop model.store and reasoner.retrieval_k")
+    if reasoner.halting:
+        raise ValueError("objective rl runs a fixed number of latent steps: set reasoner.halting false")
+    if rl.trainable == "feedback_only" and reasoner.feedback == "none":
+        raise ValueError("rl.trainable feedback_only trains the feedback path, and reasoner.feedback is none: "
+                         "set feedback last or all (the gate starts closed, so the policy starts unchanged)")
+    if rl.feedback_noise > 0 and reasoner.feedback == "none":
+        raise ValueError("rl.feedback_noise explores the fed-back vectors: set reasoner.feedback last or all")
+
+
 def open_store(path: str | None, memory: HFMemory, k: int):
     """The retrieval store at `path` (checked against the backbone), or None without retrieval."""
     if k and path is None:
@@ -575,13 +741,10 @@ def open_store(path: str | None, memory: HFMemory, k: int):
     return RetrievalStore.open(path, memory)
 
 
-def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str = "cpu",
-                    store: str | None = None) -> SplitModelModule:
-    """A trained model from a checkpoint; the backbone is rebuilt from its spec unless given,
-    and a retrieving model opens the store it was trained with unless `store` names another.
-
-    Refuses a file that is not a split_model checkpoint and a backbone whose fingerprint differs.
-    """
+def read_checkpoint(path: str, map_location: str = "cpu") -> dict:
+    """The contents of a split_model checkpoint (tensors and plain data only), or a clear error:
+    no file, not a complete torch checkpoint, a pickled object, not written by split_model, or
+    lacking what decoding its answers needs."""
     import pathlib
     import re
     import zipfile
@@ -605,6 +768,18 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
     if missing:
         raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}: without them its answers cannot be "
                          "decoded as it was trained; retrain, or save it from a model connected to its data")
+    return ckpt
+
+
+def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str = "cpu",
+                    store: str | None = None) -> SplitModelModule:
+    """A trained model from a checkpoint; the backbone is rebuilt from its spec unless given,
+    and a retrieving model opens the store it was trained with unless `store` names another.
+
+    Refuses a file that is not a split_model checkpoint and a backbone whose fingerprint differs.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    info = ckpt[CKPT_KEY]
     memory = memory or HFMemory(**info["memory_spec"])
     hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in _HPARAMS}
     if store is not None:
@@ -616,6 +791,8 @@ def load_checkpoint(path: str, memory: HFMemory | None = None, map_location: str
     return module.eval()
 
 
+RL_REFERENCE_KEY = "split_model_rl_reference"  # checkpoint entry: the reference policy's weights
+_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "feedback", "embed_rank", "halting", "retrieval_k")
 _RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key -> new
 _NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
