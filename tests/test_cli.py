@@ -301,3 +301,25 @@ def test_validate_with_a_checkpoint_searches_the_store_it_is_given(tiny, tmp_pat
                         str(tmp_path), "--trainer.enable_progress_bar", "false"])
     assert fitted.model.store.path == tmp_path / "a"
     assert cli.model.store.path == tmp_path / "b"
+
+
+def test_rl_fine_tunes_a_fitted_checkpoint_from_the_command_line(fitted_cli, tiny, tmp_path):
+    """The recipe's last step as a user runs it: `fit` with objective rl, starting from another
+    run's checkpoint (model.init_from), logs rewards and writes its own checkpoint."""
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.last_model_path
+    root = tmp_path / "rl"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tiny.repo)
+        mp.setattr(sys, "argv", ["split-model"])
+        cli = dispatch(fit_args(root, "--model.objective=rl", f"--model.init_from={ckpt}", "--model.rl.group_size=4",
+                                "--model.rl.trainable=feedback_only", "--trainer.max_steps=3"))
+    assert cli.trainer.global_step == 3
+    metrics = cli.trainer.callback_metrics
+    assert {"train/reward", "train/kl", "train/reward_std", "val/accuracy"} <= set(metrics)
+    import torch
+
+    start = torch.load(ckpt, weights_only=True)["state_dict"]
+    now = cli.model.state_dict()
+    kept = [k for k in start if k.startswith("reasoner.") and not k.startswith("reasoner.feedback.")]
+    assert kept and all(torch.equal(now[k], start[k]) for k in kept)  # feedback_only: the rest is the checkpoint's
+    assert (root / "checkpoints" / "last.ckpt").is_file()

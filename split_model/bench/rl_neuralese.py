@@ -101,6 +101,18 @@ def _train(name: str, settings: dict) -> dict:
     return out
 
 
+def build_cache(settings: dict) -> None:
+    """Encode the game's questions with the memory once, before the workers race for the cache."""
+    from split_model.memory import HFMemory, MemoryCache
+    from split_model.tasks import StateTracking
+
+    task = StateTracking(n_items=N_ITEMS, length=settings["length"], n_train=settings["n_train"],
+                         n_valid=settings["n_valid"], n_test=16)
+    cache = MemoryCache(settings["cache_dir"], HFMemory(config=MEMORY, seed=0), device="cpu")
+    for split in ("train", "valid"):
+        cache.get([e.question for e in task.examples(split)], desc=f"state_tracking/{split}")
+
+
 def _worker(job: tuple) -> tuple[str, dict]:
     name, settings = job
     return name, _train(name, settings)
@@ -146,6 +158,7 @@ def run(args) -> dict:
         log(f"shell game of {settings['length']} swaps: sft_off {settings['sft_steps']} steps of {settings['sft_batch']}, "
             f"RL {settings['rl_steps']} steps of {settings['rl_batch']} questions x {settings['group_size']} answers, "
             f"sft_all {settings['all_steps']} steps of {settings['sft_batch']}; 2 processes")
+        build_cache(settings)
         results = in_processes(_worker, [("sft_all", settings), ("sft_off", settings)], 2)
         results.update(in_processes(_worker, [(name, settings) for name in RL_VARIANTS], 2))
     png = Path(args.out_dir) / ("rl-neuralese-quick.png" if quick else "rl-neuralese.png")
