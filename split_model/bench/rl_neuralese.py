@@ -148,7 +148,7 @@ def run(args) -> dict:
     torch.set_num_threads(1)
     quick = args.quick
     settings = dict(length=3 if quick else LENGTH, n_train=512 if quick else 50000, n_valid=64 if quick else 500,
-                    sft_steps=20 if quick else 1500, sft_batch=32 if quick else 128, group_size=4 if quick else 8,
+                    sft_steps=20 if quick else 2500, sft_batch=32 if quick else 128, group_size=4 if quick else 8,
                     rl_steps=args.steps or (6 if quick else 300), rl_batch=8 if quick else 32)
     rl_questions = settings["rl_steps"] * settings["rl_batch"]
     # sft_all sees as many training questions as sft_off and RL together
