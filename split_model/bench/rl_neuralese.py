@@ -10,7 +10,10 @@ The recipe, end to end, with the frozen random BERT memory of the feedback ablat
       (rl_feedback_only), every reasoner parameter (rl_all_params), and every parameter with
       Gaussian exploration noise on the fed-back vectors (rl_noise).
 Reference: sft_all, supervised with feedback `all` from the start, for the same number of
-training questions as (a) + (c) together. Accuracy is greedy exact match on the valid split.
+training questions as (a) + (c) together. Control: answer_only_on, (b) trained by supervision
+on the answers alone (feedback on, no labels on the latent steps) for RL's questions and steps:
+what an outcome-only signal teaches without sampling noise. Accuracy is greedy exact match on
+the valid split.
 """
 
 from __future__ import annotations
@@ -70,12 +73,17 @@ def _train(name: str, settings: dict) -> dict:
         model = SplitModelModule(memory=memory, reasoner=cfg, lr=v["lr"], warmup_steps=20, objective="rl", rl=rl,
                                  init_from=s["init_from"])
         steps, batch = s["rl_steps"], s["rl_batch"]
+    elif name == "answer_only_on":
+        model = SplitModelModule(memory=memory, reasoner=cfg, lr=RL_VARIANTS["rl_all_params"]["lr"], warmup_steps=20,
+                                 init_from=s["init_from"])
+        steps, batch = s["rl_steps"], s["rl_batch"]
     else:
         model = SplitModelModule(memory=memory, reasoner=cfg, lr=2e-3, warmup_steps=50,
                                  training_mode="off" if name == "sft_off" else "sequential")
         steps, batch = s["sft_steps"] if name == "sft_off" else s["all_steps"], s["sft_batch"]
     task = StateTracking(n_items=N_ITEMS, length=s["length"], n_train=s["n_train"], n_valid=s["n_valid"], n_test=16)
-    data = TaskDataModule(task, steps="latent", batch_size=batch, cache_dir=s["cache_dir"])
+    labels = dict(steps="none", latent_steps=s["length"]) if name == "answer_only_on" else dict(steps="latent")
+    data = TaskDataModule(task, **labels, batch_size=batch, cache_dir=s["cache_dir"])
     data.connect(model)
     every = max(1, steps // 10)
     curves = Rewards(every, name) if name.startswith("rl_") else None
@@ -160,12 +168,12 @@ def run(args) -> dict:
             f"sft_all {settings['all_steps']} steps of {settings['sft_batch']}; 2 processes")
         build_cache(settings)
         results = in_processes(_worker, [("sft_all", settings), ("sft_off", settings)], 2)
-        results.update(in_processes(_worker, [(name, settings) for name in RL_VARIANTS], 2))
+        results.update(in_processes(_worker, [(name, settings) for name in (*RL_VARIANTS, "answer_only_on")], 2))
     png = Path(args.out_dir) / ("rl-neuralese-quick.png" if quick else "rl-neuralese.png")
     plot({n: results[n]["reward_curve"] for n in RL_VARIANTS},
          {n: results[n]["accuracy"] for n in ("sft_off", "sft_all")}, png, window=max(1, settings["rl_steps"] // 15))
     log(f"wrote {png}")
-    names = ("sft_off", *RL_VARIANTS, "sft_all")
+    names = ("sft_off", *RL_VARIANTS, "answer_only_on", "sft_all")
     best_rl = max(results[n]["accuracy"] for n in RL_VARIANTS)
     return {
         "task": f"state_tracking (shell game, {N_ITEMS} cups, one labelled latent step per swap in supervised training)",
