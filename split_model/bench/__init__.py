@@ -47,6 +47,28 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def pyplot(bench: str):
+    """matplotlib.pyplot on the file-only Agg backend, or a clear exit naming the extra to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"the {bench} plot needs matplotlib: pip install 'split-model[bench]'") from e
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _load(name: str) -> Callable[[argparse.Namespace], dict]:
     import importlib
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from split_model.bench import log
+from split_model.bench import log, pyplot, save_figure
 from split_model.bench.ablation import in_processes, train_one
 
 TRAIN_LATENT = 4
@@ -61,13 +61,7 @@ def _worker(job: tuple) -> tuple[str, dict]:
 
 
 def plot(curves: dict[str, dict[int, float]], path: Path, chance: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SystemExit("the latent-steps plot needs matplotlib: pip install 'split-model[bench]'") from e
+    plt = pyplot("latent-steps")
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     labels = {"fixed": f"trained with {TRAIN_LATENT} latent steps",
               "sampled": f"trained with {SAMPLED[0]}..{SAMPLED[1]} latent steps (sampled per batch)",
@@ -80,10 +74,7 @@ def plot(curves: dict[str, dict[int, float]], path: Path, chance: float) -> None
     ax.set(xlabel="latent steps at test time", ylabel="valid accuracy (exact match)", ylim=(0, 1.02),
            title=f"Shell game, {TASK['n_items']} cups, {TASK['length']} swaps, answer only")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(args) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from split_model.bench import log
+from split_model.bench import log, pyplot, save_figure
 from split_model.bench.ablation import MEMORY, Progress, in_processes
 
 LENGTH, N_ITEMS = 6, 5  # the feedback ablation's game: none 0.31, all 1.00 there
@@ -127,13 +127,7 @@ def _worker(job: tuple) -> tuple[str, dict]:
 
 
 def plot(curves: dict[str, list[float]], references: dict[str, float], path: Path, window: int) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SystemExit("the rl-neuralese plot needs matplotlib: pip install 'split-model[bench]'") from e
+    plt = pyplot("rl-neuralese")
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     for name, curve in curves.items():
         smooth = [sum(curve[max(0, i - window + 1): i + 1]) / len(curve[max(0, i - window + 1): i + 1])
@@ -146,10 +140,7 @@ def plot(curves: dict[str, list[float]], references: dict[str, float], path: Pat
     ax.set(xlabel="RL optimizer step", ylabel="reward / accuracy", ylim=(0, 1.02),
            title=f"Shell game, {N_ITEMS} cups, {LENGTH} swaps: RL with feedback switched on")
     ax.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(args) -> dict:

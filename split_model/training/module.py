@@ -489,17 +489,16 @@ class SplitModelModule(LightningModule):
         actions = self._label_index(chosen)
         taken = actions != IGNORE  # (B*G, T)
         n_actions = taken.sum().clamp_min(1)
+        ref = self.reference()
         if fed is not None:
             fed = fed[:, : tokens.shape[1]]
             logits, logdens = feedback_log_density(r, tokens, latent, mem, fed, cfg.feedback_noise)
             used = taken.flip(1).cumsum(1).flip(1) > 0  # positions up to each row's last action
             with torch.no_grad():
-                ref_logits, _ = feedback_log_density(self.reference(), tokens, latent,
-                                                     self.reference().encode_memory(states, mask), fed, 1.0)
+                ref_logits, _ = feedback_log_density(ref, tokens, latent, ref.encode_memory(states, mask), fed, 1.0)
         else:
             logits = r(tokens, latent, mem, self.hparams.bptt_steps)
             with torch.no_grad():
-                ref = self.reference()
                 ref_logits = ref(tokens, latent, ref.encode_memory(states, mask))
         logp = action_log_probs(logits, actions, cfg.temperature)
         ref_logp = action_log_probs(ref_logits, actions, cfg.temperature)
