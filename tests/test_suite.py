@@ -88,3 +88,11 @@ def test_suites_run_side_by_side_keep_each_others_results(tmp_path, monkeypatch)
     result = json.loads((tmp_path / "suite.json").read_text())
     assert result["tasks"] == {"a": {"all": 0.5}, "b": {"all": 0.5}}
     assert result.get("failed", {}) == {}
+
+
+def test_the_zero_latent_and_larger_memory_baselines_are_overrides_of_the_same_config():
+    argv = {v: a for _, v, a in suite.plan(["gym_aiw"], ["latent0", "smollm2"])}
+    assert "--data.latent_steps=0" in argv["latent0"]
+    assert "--model.memory.init_args.name=smollm2-135m" in argv["smollm2"]
+    assert argv["latent0"][:3] == argv["smollm2"][:3] == ["fit", "--config", str(suite.ROOT / "configs" / "reasoning_gym.yaml")]
+    assert suite.DEFAULT_VARIANTS == ["all", "none", "last", "cot"]  # the costly ones run only when named

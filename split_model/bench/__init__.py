@@ -30,6 +30,7 @@ BENCHES: dict[str, str] = {
     "retrieval-hops": "split_model.bench.retrieval_hops:run",
     "retrieval-speed": "split_model.bench.retrieval_speed:run",
     "rl-neuralese": "split_model.bench.rl_neuralese:run",
+    "scaling": "split_model.bench.scaling:run",
 }
 
 
@@ -93,7 +94,9 @@ def bench_main(argv: list[str]) -> dict:
          "retrieval-speed: build time, query latency (batch 1, 64), recall@8 and share of a reasoner step of flat, "
          "hnsw and ivfpq stores of 200k chunks",
          "rl-neuralese: shell game; supervised with feedback off, then RL with feedback on (feedback path only, all "
-         "parameters, with noise on the fed-back vectors) vs supervised with feedback all (PNG of the rewards)"]))
+         "parameters, with noise on the fed-back vectors) vs supervised with feedback all (PNG of the rewards)",
+         "scaling: one suite task (--tasks, default gym_gcd) trained at several reasoner widths (--widths): "
+         "accuracy vs trainable parameters at a fixed memory (PNG)"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works "
                                                         "(faults: only the scenarios that start no process)")
@@ -105,8 +108,11 @@ def bench_main(argv: list[str]) -> dict:
                    help="train-modes, retrieval-hops: optimizer steps per trained model; rl-neuralese: RL steps per "
                         "variant (instead of the bench's default)")
     p.add_argument("--tasks", default=None,
-                   help="suite: comma-separated tasks (default all: prosqa, prontoqa, icot_4x4, gym_chain_sum, ...)")
-    p.add_argument("--variants", default=None, help="suite: comma-separated variants of all, none, last, cot (default all four)")
+                   help="suite: comma-separated tasks (default all: prosqa, prontoqa, icot_4x4, gym_chain_sum, ...); "
+                        "scaling: the one task to scale (default gym_gcd)")
+    p.add_argument("--variants", default=None, help="suite: comma-separated variants of all, none, last, cot, latent0 (no latent steps), "
+                        "smollm2 (SmolLM2-135M as the memory); default all, none, last, cot")
+    p.add_argument("--widths", default=None, help="scaling: comma-separated reasoner widths d_model (default 64,128,256)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")

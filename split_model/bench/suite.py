@@ -6,7 +6,9 @@ the final model on the valid split (honest scoring: the train split's latent cou
 gold chain). Variants:
 - all:  the config as committed (feedback all);
 - none, last: the same with `model.reasoner.feedback` none / last (equal size and budget);
-- cot:  written chain of thought (`data.steps: text`, no latent steps), for tasks with steps.
+- cot:  written chain of thought (`data.steps: text`, no latent steps), for tasks with steps;
+- latent0: no latent steps (the answer is written right after the question);
+- smollm2: SmolLM2-135M as the frozen memory in place of the config's (what the memory contributes).
 
 Runs go to runs/suite/TASK-VARIANT/ in the repository. After every run the results so far are written to
 suite.partial.json next to the final suite.json, so a long suite that stops keeps its numbers.
@@ -38,6 +40,7 @@ GYM = {
     "gcd": {"min_value": 1, "max_value": 100},
     "family_relationships": {},
     "aiw": {},  # "Alice in Wonderland": how many sisters does X's brother have (answers 2..7)
+    "needle_haystack": {"min_num_statements": 10, "max_num_statements": 20},  # who does what, among 10-20 facts
 }
 COT = ["--data.steps=text", "--data.latent_steps=0"]
 
@@ -52,7 +55,10 @@ TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
                        [f"--data.task.init_args.dataset={name}", f"--data.task.init_args.config={json.dumps(cfg)}"], None)
        for name, cfg in GYM.items()},
 }
-VARIANTS = {"all": [], "none": ["--model.reasoner.feedback=none"], "last": ["--model.reasoner.feedback=last"], "cot": None}
+VARIANTS = {"all": [], "none": ["--model.reasoner.feedback=none"], "last": ["--model.reasoner.feedback=last"], "cot": None,
+            "latent0": ["--data.latent_steps=0"],  # no thinking steps: the answer right after the question
+            "smollm2": ["--model.memory.init_args.name=smollm2-135m"]}  # a 6x larger frozen memory
+DEFAULT_VARIANTS = ["all", "none", "last", "cot"]  # the baselines at equal size; latent0 and smollm2 when named
 QUICK = ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2"]
 
 
@@ -64,16 +70,20 @@ def plan(tasks: list[str], variants: list[str]) -> list[tuple[str, str, list[str
                          f"variants: {', '.join(VARIANTS)}")
     runs = []
     for task in tasks:
-        config, select, cot = TASKS[task]
+        cot = TASKS[task][2]
         for variant in variants:
             extra = cot if variant == "cot" else VARIANTS[variant]
             if extra is None:
                 continue
-            root = RUNS / f"{task}-{variant}"
-            runs.append((task, variant, ["fit", "--config", str(ROOT / "configs" / config), *select, *extra,
-                                         f"--trainer.default_root_dir={root}",
-                                         f"--trainer.logger.init_args.save_dir={root}"]))
+            runs.append((task, variant, fit_argv(task, extra, RUNS / f"{task}-{variant}")))
     return runs
+
+
+def fit_argv(task: str, extra: list[str], root: Path) -> list[str]:
+    """`split-model fit` arguments for `task`'s config with `extra` overrides, its runs under `root`."""
+    config, select, _ = TASKS[task]
+    return ["fit", "--config", str(ROOT / "configs" / config), *select, *extra,
+            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"]
 
 
 def fit_and_score(argv: list[str]) -> dict:
@@ -117,7 +127,7 @@ def merged(earlier: dict, new: dict) -> dict:
 
 def run(args) -> dict:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS
     runs = plan(tasks, variants)
     device = ["--trainer.accelerator=gpu"] if args.device == "cuda" else ["--trainer.accelerator=cpu"]
     out: dict = {"tasks": {}, "accuracy_oracle": {}, "trainable_params": {}, "memory_params": {}, "train_seconds": {},
