@@ -198,16 +198,19 @@ def data_main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--compare", metavar="FILE", default=None,
                    help="a real ProsQA JSON file (e.g. prosqa_valid.json): print both sets' statistics side by side")
+    p.add_argument("--vocabulary", metavar="FILE", default=None,
+                   help="prosqa only: draw person and concept names from this ProsQA JSON file (e.g. prosqa_valid.json: "
+                        "the public files' 55 names) instead of the built-in lists")
     p.add_argument("--world", type=int, default=None, help="world only: which world, 0-7 (default 0)")
     p.add_argument("--entities", type=int, default=None, help="world only: number of people (default 500)")
     args = p.parse_args(argv)
     import json
 
-    from split_model.tasks import prosqa_statistics, write_prosqa, write_world
+    from split_model.tasks import ProsQAGenConfig, prosqa_statistics, prosqa_vocabulary, write_prosqa, write_world
 
     if args.kind == "world":
-        if args.compare is not None:
-            p.error("--compare applies to prosqa only")
+        if args.compare is not None or args.vocabulary is not None:
+            p.error("--compare and --vocabulary apply to prosqa only")
         given = {"world": args.world, "n_entities": args.entities, "n_valid": args.n}
         corpus, questions = write_world(args.out, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
         n_docs, n_questions = (len(path.read_text().splitlines()) for path in (corpus, questions))
@@ -216,9 +219,11 @@ def data_main(argv: list[str]) -> None:
     if args.world is not None or args.entities is not None:
         p.error("--world and --entities apply to world only")
     args.n = 10000 if args.n is None else args.n
-    if args.compare is not None and not Path(args.compare).is_file():
-        p.error(f"--compare: no file at {args.compare}")
-    path = write_prosqa(args.out, args.n, seed=args.seed)
+    for flag, given in (("--compare", args.compare), ("--vocabulary", args.vocabulary)):
+        if given is not None and not Path(given).is_file():
+            p.error(f"{flag}: no file at {given}")
+    config = ProsQAGenConfig(**prosqa_vocabulary(args.vocabulary)) if args.vocabulary else None
+    path = write_prosqa(args.out, args.n, seed=args.seed, config=config)
     print(f"wrote {args.n} examples to {path}")
     if args.compare is not None:
         ours = prosqa_statistics(json.loads(path.read_text()))

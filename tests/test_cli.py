@@ -258,6 +258,9 @@ def test_data_prosqa_writes_a_set_and_compares_its_statistics_with_a_real_file(t
     with pytest.raises(SystemExit):
         dispatch(["data", "prosqa", "--out", str(tmp_path / "g2.json"), "--compare", str(tmp_path / "nope.json")])
     assert "--compare: no file at" in capsys.readouterr().err and not (tmp_path / "g2.json").exists()
+    dispatch(["data", "prosqa", "--out", str(tmp_path / "named.json"), "-n", "10", "--vocabulary", str(real)])
+    names = {s for item in json.loads((tmp_path / "named.json").read_text()) for s in item["idx_to_symbol"]}
+    assert names <= {s for item in json.loads(real.read_text()) for s in item["idx_to_symbol"]}
 
 
 def test_a_user_error_is_one_line_and_status_1_with_the_traceback_on_request(tiny, capsys, monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from split_model.tasks import (
+    ProsQAGenConfig,
     TASKS,
     Example,
     IcotMultiplication,
@@ -24,6 +25,7 @@ from split_model.tasks import (
     generate_prosqa,
     get_task,
     prosqa_statistics,
+    prosqa_vocabulary,
     write_prosqa,
 )
 
@@ -259,6 +261,32 @@ def test_prosqa_generates_train_without_path() -> None:
     examples = task.examples("train")
     assert len(examples) == 12
     assert examples == [Example(i["question"], tuple(i["steps"]), i["answer"]) for i in generate_prosqa(12, 4)]
+
+
+def test_the_generator_can_speak_the_vocabulary_of_the_public_files() -> None:
+    """The public files share 17 people and 38 concept words; the built-in lists are wider,
+    so a valid question may be about a person that built-in training data never names."""
+    real = json.loads(require(PROSQA_VALID).read_text())
+    vocabulary = prosqa_vocabulary(PROSQA_VALID)
+    assert (len(vocabulary["person_names"]), len(vocabulary["concept_names"])) == (17, 38)
+    assert "Carol" in vocabulary["person_names"] and "Carol" not in ProsQAGenConfig().person_names
+    items = generate_prosqa(200, seed=0, config=ProsQAGenConfig(**vocabulary))
+    used = {s for item in items for s in item["idx_to_symbol"]}
+    assert used == {s for item in real for s in item["idx_to_symbol"]}  # every name, and no other
+    task = ProsQA(n_generated=5, seed=1, vocabulary_path=str(PROSQA_VALID))
+    expected = generate_prosqa(5, seed=1, config=ProsQAGenConfig(**vocabulary))
+    assert [e.answer for e in task.examples("train")] == [i["answer"] for i in expected]
+
+
+def test_a_vocabulary_file_that_is_missing_or_not_prosqa_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        prosqa_vocabulary(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text('[{"question": "q"}]')
+    with pytest.raises(ValueError, match="not a ProsQA JSON list with idx_to_symbol"):
+        prosqa_vocabulary(tmp_path / "bad.json")
+    (tmp_path / "one.json").write_text('[{"idx_to_symbol": ["Tom", "wumpus"]}]')
+    with pytest.raises(ValueError, match="names 1 people and 1 concepts"):
+        prosqa_vocabulary(tmp_path / "one.json")
 
 
 def test_prosqa_real_valid() -> None:

@@ -41,6 +41,9 @@ GYM = {
     "family_relationships": {},
     "aiw": {},  # "Alice in Wonderland": how many sisters does X's brother have (answers 2..7)
     "needle_haystack": {"min_num_statements": 10, "max_num_statements": 20},  # who does what, among 10-20 facts
+    "knights_knaves": {"n_people": 2, "depth_constraint": 2, "width_constraint": 2},  # who lies, from 2 statements
+    # (a+bi) +/- (c+di) with integer parts in -10..10: two signed additions, answers like "-15.0 + 3.0i"
+    "complex_arithmetic": {"operations": ["+", "-"], "operations_weights": [0.5, 0.5]},
 }
 COT = ["--data.steps=text", "--data.latent_steps=0"]
 

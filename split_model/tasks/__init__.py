@@ -15,6 +15,7 @@ from split_model.tasks.coconut_json import (
     ProsQAGenConfig,
     generate_prosqa,
     prosqa_statistics,
+    prosqa_vocabulary,
     write_prosqa,
 )
 from split_model.tasks.icot import GSM8K, IcotMultiplication
@@ -57,6 +58,7 @@ __all__ = [
     "generate_prosqa",
     "get_task",
     "prosqa_statistics",
+    "prosqa_vocabulary",
     "write_prosqa",
     "write_world",
 ]

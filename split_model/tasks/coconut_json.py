@@ -88,6 +88,7 @@ class ProsQA(CoconutJSON):
         max_examples: int | None = None,
         n_generated: int = 10000,
         seed: int = 0,
+        vocabulary_path: str | None = None,
     ) -> None:
         """Point each split at a Coconut JSON file, or generate the train split.
 
@@ -98,19 +99,24 @@ class ProsQA(CoconutJSON):
             max_examples: keep only the first this many examples of each split (None: all).
             n_generated: number of train examples to generate when train_path is None.
             seed: seed of the train generator when train_path is None.
+            vocabulary_path: a ProsQA JSON file whose person and concept names the generator
+                uses (e.g. the valid split: the public files share one small vocabulary);
+                None: the built-in lists. See `prosqa_vocabulary`.
         """
         super().__init__(train_path, valid_path, test_path, max_examples)
         if n_generated < 1:
             raise ValueError(f"n_generated must be >= 1, got {n_generated}")
         self.n_generated = n_generated
         self.seed = seed
+        self.vocabulary_path = vocabulary_path  # read when the train split is generated
 
     def _load_split(self, split: Split) -> list[Example]:
         if split != "train" or self.paths["train"] is not None:
             return super()._load_split(split)
-        items = generate_prosqa(self.n_generated, seed=self.seed)
+        config = ProsQAGenConfig(**prosqa_vocabulary(self.vocabulary_path)) if self.vocabulary_path else None
+        items = generate_prosqa(self.n_generated, seed=self.seed, config=config)
         examples = [_item_to_example(item) for item in items][: self.max_examples]
-        source = f"generated with n_generated={self.n_generated}, seed={self.seed}"
+        source = f"generated with n_generated={self.n_generated}, seed={self.seed}, vocabulary_path={self.vocabulary_path}"
         return require_examples(examples, self.name, split, source)
 
 
@@ -143,6 +149,8 @@ class ProsQAGenConfig:
     person_fact_prob: float = 0.4  # chance a random extra fact about a person is kept (real: 2.9 facts about root)
     max_people: int = 6  # cap on people per item, including root and the second person
     max_tries: int = 1000  # graph resamples per item before giving up
+    person_names: tuple[str, ...] = PERSON_NAMES  # names drawn for people (see prosqa_vocabulary)
+    concept_names: tuple[str, ...] = CONCEPT_NAMES  # words drawn for concepts
 
     def __post_init__(self) -> None:
         if len(self.path_lengths) != len(self.path_weights) or not self.path_lengths:
@@ -159,11 +167,36 @@ class ProsQAGenConfig:
                 f"need {needed} <= min_nodes ({self.min_nodes}) <= max_nodes ({self.max_nodes}) "
                 f"for paths of up to {max(self.path_lengths)} steps"
             )
-        if self.max_nodes - 2 > len(CONCEPT_NAMES) or not 2 <= self.max_people <= len(PERSON_NAMES):
+        if self.max_nodes - 2 > len(self.concept_names) or not 2 <= self.max_people <= len(self.person_names):
             raise ValueError(
                 f"max_nodes ({self.max_nodes}) or max_people ({self.max_people}) exceed the "
-                f"{len(CONCEPT_NAMES)} concept and {len(PERSON_NAMES)} person names available"
+                f"{len(self.concept_names)} concept and {len(self.person_names)} person names available"
             )
+
+
+def prosqa_vocabulary(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """The names a ProsQA JSON file draws on, as ProsQAGenConfig arguments: `person_names`
+    (capitalised symbols) and `concept_names` (the others), each sorted.
+
+    The public ProsQA files use a small fixed vocabulary (17 people and 38 concept words; an
+    item uses about 23 of the 55), while the built-in lists hold 20 people and 434 concept
+    words: a reasoner trained on built-in names meets valid questions about people it never
+    had to write. Only the names are read; no question, graph or answer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ProsQA vocabulary: no file at {path}")
+    try:
+        items = json.loads(path.read_text())
+        symbols = {str(s) for item in items for s in item["idx_to_symbol"]}
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"ProsQA vocabulary: {path} is not a ProsQA JSON list with idx_to_symbol ({err})") from None
+    people = tuple(sorted(s for s in symbols if s[:1].isupper()))
+    concepts = tuple(sorted(s for s in symbols if not s[:1].isupper()))
+    if len(people) < 2 or not concepts:
+        raise ValueError(f"ProsQA vocabulary: {path} names {len(people)} people and {len(concepts)} concepts; "
+                         "a generator needs at least 2 people and one concept")
+    return {"person_names": people, "concept_names": concepts}
 
 
 def reachable(edges: list[list[int]] | list[tuple[int, int]], start: int) -> dict[int, int]:
@@ -293,10 +326,10 @@ def _build_graph(rng: random.Random, cfg: ProsQAGenConfig) -> _GraphBuilder | No
     return graph
 
 
-def _to_item(rng: random.Random, graph: _GraphBuilder) -> dict[str, Any]:
+def _to_item(rng: random.Random, graph: _GraphBuilder, cfg: ProsQAGenConfig) -> dict[str, Any]:
     """Name the nodes and write the graph out as a ProsQA JSON item."""
-    person_names = iter(rng.sample(PERSON_NAMES, len(graph.people)))
-    concept_names = iter(rng.sample(CONCEPT_NAMES, len(graph.concepts)))
+    person_names = iter(rng.sample(cfg.person_names, len(graph.people)))
+    concept_names = iter(rng.sample(cfg.concept_names, len(graph.concepts)))
     people = set(graph.people)
     symbols = [next(person_names) if i in people else next(concept_names) for i in range(graph.n_nodes)]
 
@@ -343,7 +376,7 @@ def _generate_one(rng: random.Random, cfg: ProsQAGenConfig) -> dict[str, Any]:
     for _ in range(cfg.max_tries):
         graph = _build_graph(rng, cfg)
         if graph is not None:
-            return _to_item(rng, graph)
+            return _to_item(rng, graph, cfg)
     raise RuntimeError(f"no valid ProsQA graph in {cfg.max_tries} tries with {cfg}")
 
 
@@ -371,6 +404,7 @@ def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
         "facts_about_root": mean(sum(src == item["root"] for src, _ in item["edges"]) for item in items),
         "question_words": mean(len(item["question"].split()) for item in items),
         "path_length_share": {str(k): round(v / n, 3) for k, v in sorted(steps.items())},
+        "distinct_names": len({s for item in items for s in item["idx_to_symbol"]}),  # in the whole set
     }
 
 
