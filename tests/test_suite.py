@@ -96,3 +96,15 @@ def test_the_zero_latent_and_larger_memory_baselines_are_overrides_of_the_same_c
     assert "--model.memory.init_args.name=smollm2-135m" in argv["smollm2"]
     assert argv["latent0"][:3] == argv["smollm2"][:3] == ["fit", "--config", str(suite.ROOT / "configs" / "reasoning_gym.yaml")]
     assert suite.DEFAULT_VARIANTS == ["all", "none", "last", "cot"]  # the costly ones run only when named
+
+
+def test_train_speed_builds_every_config_it_times_without_benchmark_files():
+    """The ProsQA config reads its names from the valid file; the speed bench must not need it."""
+    from split_model.bench.train_speed import CONFIGS, load_config
+    from split_model.tasks import get_task
+
+    for name in CONFIGS:
+        _, _, class_path, task_args = load_config(name, batches=1)
+        assert not any(str(v).startswith("${") for v in task_args.values()), (name, task_args)
+        if class_path.endswith("ProsQA"):
+            assert len(get_task("prosqa", **task_args).examples("train")) == 32
