@@ -55,9 +55,7 @@ def run(args) -> dict:
     sizes = widths(args.widths)
     rows: dict[int, dict] = {}
     for w in sizes:
-        argv = suite.fit_argv(task, [f"--model.reasoner.d_model={w}"], RUNS / f"{task}-d{w}")
-        argv += ["--trainer.accelerator=gpu" if args.device == "cuda" else "--trainer.accelerator=cpu",
-                 *(suite.QUICK if args.quick else [])]
+        argv = [*suite.fit_argv(task, [f"--model.reasoner.d_model={w}"], RUNS / f"{task}-d{w}"), *suite.run_overrides(args)]
         log(f"d_model={w}: split-model {' '.join(argv)}")
         r = suite.fit_and_score(argv)
         log(f"d_model={w}: valid accuracy {r['accuracy']}, {r['trainable_params']:,} trainable, {r['fit_seconds']} s")
@@ -65,7 +63,7 @@ def run(args) -> dict:
     png = Path(args.out_dir) / ("scaling-quick.png" if args.quick else "scaling.png")
     plot(task, rows, png)
     log(f"wrote {png}")
-    return {"task": task, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    return {"task": task, "device": suite.device_name(args),
             "by_width": {str(w): r for w, r in rows.items()},
             "scoring": "valid split, as in the suite (the train split's latent count and token budget)",
             "plot": str(png)}

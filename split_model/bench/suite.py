@@ -89,6 +89,16 @@ def fit_argv(task: str, extra: list[str], root: Path) -> list[str]:
             f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"]
 
 
+def run_overrides(args) -> list[str]:
+    """The bench's --device and --quick as `split-model fit` overrides."""
+    return ["--trainer.accelerator=gpu" if args.device == "cuda" else "--trainer.accelerator=cpu",
+            *(QUICK if args.quick else [])]
+
+
+def device_name(args) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+
+
 def fit_and_score(argv: list[str]) -> dict:
     """One `split-model fit` in this process, then the final model's validation metrics."""
     from split_model.cli import dispatch
@@ -132,13 +142,12 @@ def run(args) -> dict:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS
     runs = plan(tasks, variants)
-    device = ["--trainer.accelerator=gpu"] if args.device == "cuda" else ["--trainer.accelerator=cpu"]
     out: dict = {"tasks": {}, "accuracy_oracle": {}, "trainable_params": {}, "memory_params": {}, "train_seconds": {},
                  "commands": {}}
     partial = Path(args.out_dir) / f"suite.partial-{os.getpid()}.json"  # suites may run side by side
     earlier = Path(args.out_dir) / ("suite.json" if args.device == "cpu" else f"suite-{args.device}.json")
     for i, (task, variant, argv) in enumerate(runs):
-        argv = [*argv, *device, *(QUICK if args.quick else [])]
+        argv = [*argv, *run_overrides(args)]
         log(f"[{i + 1}/{len(runs)}] {task} {variant}: split-model {' '.join(argv)}")
         try:
             r = fit_and_score(argv)
@@ -159,7 +168,7 @@ def run(args) -> dict:
     partial.unlink(missing_ok=True)  # the final suite.json follows
     if not args.quick and earlier.is_file():  # read at the end: another suite may have finished meanwhile
         out = merged(json.loads(earlier.read_text()), out)
-    return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", **out,
+    return {"device": device_name(args), **out,
             "scoring": "valid split, exact match of the generated answer (the task's own scorer), with the train "
                        "split's latent count and token budget; accuracy_oracle uses each row's gold latent count",
             "train_seconds_note": "split-model fit wall time, reading the data with the memory included"}

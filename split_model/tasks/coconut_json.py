@@ -174,6 +174,11 @@ class ProsQAGenConfig:
             )
 
 
+def is_person(symbol: str) -> bool:
+    """ProsQA's people are capitalised names ("Tom"); its concepts are lower-case words ("wumpus")."""
+    return symbol[:1].isupper()
+
+
 def prosqa_vocabulary(path: str | Path) -> dict[str, tuple[str, ...]]:
     """The names a ProsQA JSON file draws on, as ProsQAGenConfig arguments: `person_names`
     (capitalised symbols) and `concept_names` (the others), each sorted.
@@ -191,8 +196,8 @@ def prosqa_vocabulary(path: str | Path) -> dict[str, tuple[str, ...]]:
         symbols = {str(s) for item in items for s in item["idx_to_symbol"]}
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"ProsQA vocabulary: {path} is not a ProsQA JSON list with idx_to_symbol ({err})") from None
-    people = tuple(sorted(s for s in symbols if s[:1].isupper()))
-    concepts = tuple(sorted(s for s in symbols if not s[:1].isupper()))
+    people = tuple(sorted(s for s in symbols if is_person(s)))
+    concepts = tuple(sorted(s for s in symbols if not is_person(s)))
     if len(people) < 2 or not concepts:
         raise ValueError(f"ProsQA vocabulary: {path} names {len(people)} people and {len(concepts)} concepts; "
                          "a generator needs at least 2 people and one concept")
@@ -392,7 +397,7 @@ def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
         return round(sum(values) / n, 2)
 
     def people(item) -> set[int]:
-        return {i for i, s in enumerate(item["idx_to_symbol"]) if s[:1].isupper()}
+        return {i for i, s in enumerate(item["idx_to_symbol"]) if is_person(s)}
 
     steps = Counter(len(item["steps"]) for item in items)
     return {
