@@ -45,6 +45,9 @@ def test_fit_runs_the_debug_config_and_validates(fitted_cli):
     assert trainer.global_step == 6
     assert "val/accuracy" in trainer.callback_metrics
     assert 0.0 <= float(trainer.callback_metrics["val/accuracy"]) <= 1.0
+    # the debug game labels each latent step with the state after a swap: their accuracy is logged
+    assert 0.0 <= float(trainer.callback_metrics["train/step_acc"]) <= 1.0
+    assert "val/step_acc_teacher_forced" in trainer.callback_metrics
     assert fitted_cli.cli.model.reasoner.cfg.feedback == "all"  # from the YAML
     assert len(fitted_cli.cli.datamodule.datasets["train"]) == 64  # from the command line
     assert (fitted_cli.root / "checkpoints" / "last.ckpt").is_file()  # where `--ckpt_path last` looks

@@ -120,6 +120,15 @@ def test_ddp_rank_without_the_entry_times_out_with_a_clear_message(tiny, tmp_pat
         dm.setup("fit")
 
 
+def test_step_labelling_settings_reach_the_model_formatter(tiny):
+    module = tiny.module(tiny.memory("llama"))
+    dm = data_module.TaskDataModule(tiny.task(), steps="latent", step_token="first", fixed_steps=5)
+    dm.connect(module)
+    assert module.formatter is dm.formatter
+    assert (module.formatter.spec["step_token"], module.formatter.spec["fixed_steps"]) == ("first", 5)
+    assert module.formatter.n_latent(tiny.task().examples("train")[0]) == 5  # whatever the chain's length
+
+
 def test_bad_token_budget_is_refused(tiny):
     with pytest.raises(ValueError, match="tokens_per_batch must be positive, got 0"):
         data_module.TaskDataModule(tiny.task(), tokens_per_batch=0)

@@ -37,7 +37,34 @@ def test_answer_is_read_after_the_last_marker_in_text_mode():
     assert Formatter(TOK, steps="none").answer_from(TOK.encode(" 42 ")) == "42"
 
 
-@pytest.mark.parametrize("kwargs, message", [({"steps": "cot"}, "text, latent, none"), ({"latent_steps": -1}, ">= 0")])
+def test_latent_mode_labels_each_latent_step_with_its_step_token():
+    one = Example(question="q", steps=("a", "b"), answer="7")
+    seq = Formatter(TOK, steps="latent", latent_steps=1).encode(one)
+    assert seq.n_latent == 3 and seq.latent[:3] == [True] * 3
+    assert seq.labels == [IGNORE] + TOK.encode("a") + TOK.encode("b") + TOK.encode("7") + [TOK.eos_id]
+    words = Example(question="q", steps=("brimpus", "wooden"), answer="7")
+    with pytest.raises(ValueError, match="step 'brimpus' is 7 tokens; use step_token='first'"):
+        Formatter(TOK, steps="latent").encode(words)
+    seq = Formatter(TOK, steps="latent", step_token="first").encode(words)
+    assert seq.n_latent == 2 and seq.labels[:2] == [TOK.encode("b")[0], TOK.encode("w")[0]]
+    assert Formatter(TOK, steps="latent", step_token="first").encode(one).labels == \
+        Formatter(TOK, steps="latent").encode(one).labels  # one-token steps: the same either way
+
+
+def test_fixed_steps_gives_every_chain_one_count_and_repeats_where_it_arrived():
+    f = Formatter(TOK, steps="latent", fixed_steps=4)
+    short = Example(question="q", steps=("a", "b"), answer="7")
+    seq = f.encode(short)
+    assert f.n_latent(short) == seq.n_latent == 4
+    assert seq.labels[:4] == TOK.encode("a") + TOK.encode("b") * 3
+    with pytest.raises(ValueError, match="an example has 5 reasoning steps: raise data.fixed_steps"):
+        f.encode(Example(question="q", steps=tuple("abcde"), answer="7"))
+    with pytest.raises(ValueError, match="needs steps='latent'"):
+        Formatter(TOK, steps="none", fixed_steps=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"steps": "cot"}, "text, latent, none"), ({"latent_steps": -1}, ">= 0"),
+                                             ({"step_token": "last"}, "whole or first")])
 def test_bad_format_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Formatter(TOK, **kwargs)

@@ -316,6 +316,22 @@ def test_prontoqa_real_valid() -> None:
     assert all(len(ex.steps) == 6 for ex in examples)
 
 
+def test_steps_as_nodes_keeps_the_node_each_hop_reaches(tmp_path: Path) -> None:
+    steps = ["Max is a vumpus. Each vumpus is a brimpus.", "Max is a brimpus. Brimpuses are not wooden.",
+             "Max is not wooden."]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"question": "q", "steps": steps, "answer": "False"}]))
+    assert ProntoQA(valid_path=str(path)).examples("valid")[0].steps == tuple(steps)  # "text", the default
+    nodes = ProntoQA(valid_path=str(path), steps_as="nodes").examples("valid")[0]
+    assert nodes == Example("q", ("brimpus", "wooden", "wooden"), "False")
+    generated = ProsQA(n_generated=4, seed=2, steps_as="nodes").examples("train")
+    for ex, item in zip(generated, generate_prosqa(4, 2)):
+        assert ex.steps == tuple(s.rstrip(".").split()[-1] for s in item["steps"])
+        assert ex.steps[-1] == item["idx_to_symbol"][item["target"]]  # the last hop reaches the answer
+    with pytest.raises(ValueError, match="steps_as must be text or nodes"):
+        ProntoQA(steps_as="words")
+
+
 # ---------------------------------------------------------------------------
 # Registry and scoring
 

@@ -131,7 +131,7 @@ def test_checkpoint_round_trips(fitted):
     for k, v in loaded.reasoner.state_dict().items():
         assert torch.equal(v, trained[k]), k
     assert loaded.formatter.spec == {"steps": "latent", "latent_steps": 0, "default_latent": 3, "replaced_steps": 0,
-                                     "latent_per_step": 1, "max_target": 2}
+                                     "latent_per_step": 1, "max_target": 2, "step_token": "whole", "fixed_steps": None}
     fitted.module.eval()
     want = fitted.module.generate(fitted.questions, n_latent=3, max_new_tokens=4)
     assert loaded.generate(fitted.questions, n_latent=3, max_new_tokens=4) == want

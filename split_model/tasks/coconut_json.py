@@ -21,7 +21,7 @@ import random
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from split_model import files
 from split_model.tasks.base import Example, FileTask, Split, require_examples
@@ -62,11 +62,55 @@ def read_coconut_json(path: Path) -> list[Example]:
     return examples
 
 
+StepsAs = Literal["text", "nodes"]
+
+
+def step_node(step: str) -> str:
+    """The node a reasoning step arrives at: its last word, without the full stop.
+
+    "Max is a vumpus. Each vumpus is a brimpus." -> "brimpus"; "Every terpus is a brimpus."
+    -> "brimpus"; "Numpuses are not wooden." -> "wooden" (the polarity is dropped)."""
+    words = step.replace(".", " ").split()
+    if not words:
+        raise ValueError(f"a reasoning step has no words: {step!r}")
+    return words[-1]
+
+
 class CoconutJSON(FileTask):
     """Any benchmark stored as Coconut JSON lists, one file per split."""
 
+    def __init__(
+        self,
+        train_path: str | None = None,
+        valid_path: str | None = None,
+        test_path: str | None = None,
+        max_examples: int | None = None,
+        steps_as: StepsAs = "text",
+    ) -> None:
+        """Point each split at a Coconut JSON file.
+
+        Args:
+            train_path: JSON file with the train split.
+            valid_path: JSON file with the valid split.
+            test_path: JSON file with the test split.
+            max_examples: keep only the first this many examples of each split (None: all).
+            steps_as: what an example's reasoning steps are: "text", the written sentences; or
+                "nodes", the node each step arrives at ("brimpus"; see `step_node`), which
+                labels one latent step per hop with `data.steps: latent` and
+                `data.step_token: first`.
+        """
+        super().__init__(train_path, valid_path, test_path, max_examples)
+        if steps_as not in ("text", "nodes"):
+            raise ValueError(f"steps_as must be text or nodes, got {steps_as!r}")
+        self.steps_as = steps_as
+
     def parse_file(self, path: Path) -> list[Example]:
-        return read_coconut_json(path)
+        return self._steps_view(read_coconut_json(path))
+
+    def _steps_view(self, examples: list[Example]) -> list[Example]:
+        if self.steps_as == "text":
+            return examples
+        return [Example(e.question, tuple(step_node(s) for s in e.steps), e.answer) for e in examples]
 
 
 class ProntoQA(CoconutJSON):
@@ -89,6 +133,7 @@ class ProsQA(CoconutJSON):
         n_generated: int = 10000,
         seed: int = 0,
         vocabulary_path: str | None = None,
+        steps_as: StepsAs = "text",
     ) -> None:
         """Point each split at a Coconut JSON file, or generate the train split.
 
@@ -102,8 +147,10 @@ class ProsQA(CoconutJSON):
             vocabulary_path: a ProsQA JSON file whose person and concept names the generator
                 uses (e.g. the valid split: the public files share one small vocabulary);
                 None: the built-in lists. See `prosqa_vocabulary`.
+            steps_as: the reasoning steps as written ("text") or as the nodes they reach
+                ("nodes"), as for every Coconut JSON task.
         """
-        super().__init__(train_path, valid_path, test_path, max_examples)
+        super().__init__(train_path, valid_path, test_path, max_examples, steps_as)
         if n_generated < 1:
             raise ValueError(f"n_generated must be >= 1, got {n_generated}")
         self.n_generated = n_generated
@@ -115,7 +162,7 @@ class ProsQA(CoconutJSON):
             return super()._load_split(split)
         config = ProsQAGenConfig(**prosqa_vocabulary(self.vocabulary_path)) if self.vocabulary_path else None
         items = generate_prosqa(self.n_generated, seed=self.seed, config=config)
-        examples = [_item_to_example(item) for item in items][: self.max_examples]
+        examples = self._steps_view([_item_to_example(item) for item in items])[: self.max_examples]
         source = f"generated with n_generated={self.n_generated}, seed={self.seed}, vocabulary_path={self.vocabulary_path}"
         return require_examples(examples, self.name, split, source)
 

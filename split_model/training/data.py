@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from split_model.memory import CachedStates, EncodeDtype, HFMemory, MemoryCache, cache_root
 from split_model.tasks import Example, Split, Task
-from split_model.training.format import IGNORE, Formatter, Sequence, StepsMode
+from split_model.training.format import IGNORE, Formatter, Sequence, StepsMode, StepToken
 
 _STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "fit": ("train", "valid"),
@@ -187,6 +187,12 @@ class TaskDataModule(LightningDataModule):
         steps: how reasoning steps are trained: text (written out before the answer),
             latent (one labelled latent step each), none (answer only).
         latent_steps: extra unlabelled latent steps ("continuous thoughts") before the answer.
+        step_token: with steps=latent, "whole" (each step must be one token: its label) or
+            "first" (a step's first token labels its latent step, e.g. the node a hop reaches
+            with a Coconut JSON task's steps_as=nodes).
+        fixed_steps: with steps=latent, give every example this many labelled latent steps (a
+            shorter chain repeats its last step), so evaluation runs the same count on every
+            question; None: one per reasoning step, and evaluation runs the most common count.
         batch_size: examples per batch (per process under DDP).
         num_workers: DataLoader worker processes.
         cache_dir: where memory states are cached; default $SPLIT_MODEL_CACHE/memory or
@@ -205,6 +211,8 @@ class TaskDataModule(LightningDataModule):
         task: Task,
         steps: StepsMode = "text",
         latent_steps: int = 0,
+        step_token: StepToken = "whole",
+        fixed_steps: int | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -219,6 +227,7 @@ class TaskDataModule(LightningDataModule):
         if tokens_per_batch <= 0:
             raise ValueError(f"tokens_per_batch must be positive, got {tokens_per_batch}")
         self.task, self.steps, self.latent_steps = task, steps, latent_steps
+        self.step_token, self.fixed_steps = step_token, fixed_steps
         self.batch_size, self.num_workers = batch_size, num_workers
         self.memory_dtype, self.tokens_per_batch, self.cache_wait_s = memory_dtype, tokens_per_batch, cache_wait_s
         self.shuffle_seed = shuffle_seed
@@ -230,7 +239,8 @@ class TaskDataModule(LightningDataModule):
     def connect(self, model) -> None:
         """Bind to the model's memory backbone; hand the model this data's formatter."""
         self.memory = model.memory
-        self.formatter = Formatter(model.memory.tokenizer, self.steps, self.latent_steps)
+        self.formatter = Formatter(model.memory.tokenizer, self.steps, self.latent_steps,
+                                   step_token=self.step_token, fixed_steps=self.fixed_steps)
         model.connect_data(self.formatter, self.task)
 
     def _connected(self) -> None:

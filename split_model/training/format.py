@@ -5,7 +5,10 @@ The memory reads the question. The reasoner's sequence is
 where a latent position takes no token (a "continuous thought") and the target is:
 - steps="text": the reasoning steps written out, an answer marker, then the answer;
 - steps="latent": one latent step per reasoning step, each labelled with that step
-  (steps must be single tokens, e.g. the state after each move), then the answer;
+  (steps must be single tokens, e.g. the state after each move; with step_token="first",
+  the first token of each step, e.g. of the node a hop reaches), then the answer; with
+  fixed_steps=n every example gets n labelled latent steps, a shorter chain repeating its
+  last step (it has arrived and stays), so a raw question needs no chain length;
 - steps="none": the answer only (K = `latent_steps` unlabelled latent steps before it).
 With steps="text", `replaced_steps` = s replaces the first s written steps by
 s * `latent_per_step` unlabelled latent steps (Coconut's curriculum stage s; see Curriculum).
@@ -20,6 +23,7 @@ from split_model.memory.tokenizer import TextTokenizer
 from split_model.tasks import Example
 
 StepsMode = Literal["text", "latent", "none"]
+StepToken = Literal["whole", "first"]  # steps="latent": a step must be one token, or its first token labels it
 IGNORE = -100  # label of positions that are not scored
 ANSWER_MARKER = " ####"  # separates written steps from the answer
 
@@ -36,9 +40,14 @@ class Sequence:
 class Formatter:
     def __init__(self, tokenizer: TextTokenizer, steps: StepsMode = "text", latent_steps: int = 0,
                  default_latent: int | None = None, replaced_steps: int = 0, latent_per_step: int = 1,
-                 max_target: int | None = None):
+                 max_target: int | None = None, step_token: StepToken = "whole", fixed_steps: int | None = None):
         if steps not in ("text", "latent", "none"):
             raise ValueError(f"steps must be one of text, latent, none; got {steps!r}")
+        if step_token not in ("whole", "first"):
+            raise ValueError(f"step_token must be whole or first, got {step_token!r}")
+        if fixed_steps is not None and (steps != "latent" or fixed_steps < 1):
+            raise ValueError(f"fixed_steps gives every example that many labelled latent steps: it needs "
+                             f"steps='latent' and a count >= 1, got steps={steps!r}, fixed_steps={fixed_steps!r}")
         if latent_steps < 0:
             raise ValueError(f"latent_steps must be >= 0, got {latent_steps}")
         if replaced_steps < 0 or latent_per_step < 1:
@@ -47,6 +56,7 @@ class Formatter:
             raise ValueError(f"replaced_steps replaces written steps: it needs steps='text', not {steps!r}")
         self.tok, self.steps, self.latent_steps = tokenizer, steps, latent_steps
         self.replaced_steps, self.latent_per_step = replaced_steps, latent_per_step
+        self.step_token, self.fixed_steps = step_token, fixed_steps
         self.marker = tokenizer.encode(ANSWER_MARKER)
         # What evaluation and generation use for a raw question, where the gold chain is
         # unknown: the most common latent count and the longest target (written steps, answer,
@@ -60,10 +70,14 @@ class Formatter:
     def spec(self) -> dict:
         return {"steps": self.steps, "latent_steps": self.latent_steps, "default_latent": self.default_latent,
                 "replaced_steps": self.replaced_steps, "latent_per_step": self.latent_per_step,
-                "max_target": self.max_target}
+                "max_target": self.max_target, "step_token": self.step_token,
+                "fixed_steps": self.fixed_steps}
 
     def n_latent(self, example: Example) -> int:
-        return self._unlabelled(example) + (len(example.steps) if self.steps == "latent" else 0)
+        return self._unlabelled(example) + (self._labelled(example) if self.steps == "latent" else 0)
+
+    def _labelled(self, example: Example) -> int:
+        return len(example.steps) if self.fixed_steps is None else self.fixed_steps
 
     def _unlabelled(self, example: Example) -> int:
         """Latent steps with no label: the extra ones, and those replacing written steps."""
@@ -91,12 +105,22 @@ class Formatter:
         )
 
     def _step_tokens(self, ex: Example) -> list[int]:
+        if self.fixed_steps is not None and not 1 <= len(ex.steps) <= self.fixed_steps:
+            raise ValueError(f"fixed_steps={self.fixed_steps} labelled latent steps, but an example has "
+                             f"{len(ex.steps)} reasoning steps: raise data.fixed_steps to at least the longest chain")
         ids = [self.tok.encode(s) for s in ex.steps]
+        ids += [ids[-1]] * (self._labelled(ex) - len(ids))  # a chain that has arrived stays where it is
+        empty = [s for s, i in zip(ex.steps, ids) if not i]
+        if empty:
+            raise ValueError(f"steps='latent' labels each latent step with a token, but step {empty[0]!r} has none")
+        if self.step_token == "first":
+            return [i[0] for i in ids]
         bad = [s for s, i in zip(ex.steps, ids) if len(i) != 1]
         if bad:
             raise ValueError(
                 f"steps='latent' labels each latent step with one token, but step {bad[0]!r} is "
-                f"{len(self.tok.encode(bad[0]))} tokens; use steps='text' or 'none' for this task"
+                f"{len(self.tok.encode(bad[0]))} tokens; use step_token='first' (data.step_token) to "
+                "label it with its first token, or steps='text' or 'none' for this task"
             )
         return [i[0] for i in ids]
 

@@ -377,7 +377,12 @@ class SplitModelModule(LightningModule):
             halt_loss = self.halting_loss(logits, hidden, batch)
             self.log("train/halt_loss" if self.training else "val/halt_loss", halt_loss, batch_size=labels.shape[0])
             loss = loss + self.hparams.halting_weight * halt_loss
-        right = (self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]) | ~batch["answer_mask"]
+        hit = self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]
+        if self.formatter is not None and self.formatter.steps == "latent":  # how many hops the latent steps get right
+            labelled = batch["latent"] & (batch["labels"] != IGNORE)
+            self.log("train/step_acc" if self.training else "val/step_acc_teacher_forced",
+                     (hit & labelled).sum() / labelled.sum().clamp_min(1), batch_size=labels.shape[0])
+        right = hit | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
 
     def _retrieval_terms(self, lookup, b: int) -> torch.Tensor | float:
