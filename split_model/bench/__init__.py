@@ -31,6 +31,7 @@ BENCHES: dict[str, str] = {
     "retrieval-speed": "split_model.bench.retrieval_speed:run",
     "rl-neuralese": "split_model.bench.rl_neuralese:run",
     "scaling": "split_model.bench.scaling:run",
+    "memory-probe": "split_model.bench.memory_probe:run",
 }
 
 
@@ -96,14 +97,17 @@ def bench_main(argv: list[str]) -> dict:
          "rl-neuralese: shell game; supervised with feedback off, then RL with feedback on (feedback path only, all "
          "parameters, with noise on the fed-back vectors) vs supervised with feedback all (PNG of the rewards)",
          "scaling: one suite task (--tasks, default gym_gcd) trained at several reasoner widths (--widths): "
-         "accuracy vs trainable parameters at a fixed memory (PNG)"]))
+         "accuracy vs trainable parameters at a fixed memory (PNG)",
+         "memory-probe: per layer of the memory (--memory), how linearly readable each end of a ProsQA fact is at its "
+         "tokens: which layer a reasoner should read"]))
     p.add_argument("--out-dir", default="results", help="where NAME.json is written")
     p.add_argument("--quick", action="store_true", help="a much smaller run, to check the bench itself works "
                                                         "(faults: only the scenarios that start no process)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where speed, train-speed and train-modes run; a CUDA run writes NAME-cuda.json")
     p.add_argument("--memory", default="minilm-l6",
-                   help="train-speed's memory backbone: a packaged short name or a local Hugging Face directory")
+                   help="train-speed's and memory-probe's memory backbone: a packaged short name or a local Hugging "
+                        "Face directory")
     p.add_argument("--steps", type=int, default=None,
                    help="train-modes, retrieval-hops: optimizer steps per trained model; rl-neuralese: RL steps per "
                         "variant (instead of the bench's default)")
