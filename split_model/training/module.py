@@ -381,7 +381,8 @@ class SplitModelModule(LightningModule):
         if self.formatter is not None and self.formatter.steps == "latent":  # how many hops the latent steps get right
             labelled = batch["latent"] & (batch["labels"] != IGNORE)
             self.log("train/step_acc" if self.training else "val/step_acc_teacher_forced",
-                     (hit & labelled).sum() / labelled.sum().clamp_min(1), batch_size=labels.shape[0])
+                     (hit & labelled).sum() / labelled.sum().clamp_min(1), batch_size=labels.shape[0],
+                     sync_dist=not self.training)
         right = hit | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
 
