@@ -180,6 +180,7 @@ class SplitModelModule(LightningModule):
             key_dim=None if self.store is None else self.store.key_dim,
         )
         self.formatter: Formatter | None = None
+        self.step_acc: torch.Tensor | None = None  # the last _forward's labelled latent steps right (steps: latent)
         self.task: Task | None = None
         self._format_spec: dict | None = None
         self._graphed: GraphedTraining | None = None
@@ -378,13 +379,14 @@ class SplitModelModule(LightningModule):
             self.log("train/halt_loss" if self.training else "val/halt_loss", halt_loss, batch_size=labels.shape[0])
             loss = loss + self.hparams.halting_weight * halt_loss
         hit = self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]
-        if self.formatter is not None and self.formatter.steps == "latent":  # how many hops the latent steps get right
-            labelled = batch["latent"] & (batch["labels"] != IGNORE)
-            self.log("train/step_acc" if self.training else "val/step_acc_teacher_forced",
-                     (hit & labelled).sum() / labelled.sum().clamp_min(1), batch_size=labels.shape[0],
-                     sync_dist=not self.training)
+        labelled = batch["latent"] & (batch["labels"] != IGNORE)  # latent steps with a label (steps: latent)
+        # How many of those the model gets right (teacher-forced); logged by the step hooks.
+        self.step_acc = (hit & labelled).sum() / labelled.sum().clamp_min(1) if self._labels_latent() else None
         right = hit | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
+
+    def _labels_latent(self) -> bool:
+        return self.formatter is not None and self.formatter.steps == "latent"
 
     def _retrieval_terms(self, lookup, b: int) -> torch.Tensor | float:
         """Logs the search's recall of the gold chunks; returns the weighted auxiliary loss."""
@@ -451,6 +453,8 @@ class SplitModelModule(LightningModule):
         b = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
+        if self.step_acc is not None:
+            self.log("train/step_acc", self.step_acc, batch_size=b)
         if diagnostics:
             if self.reasoner.feedback is not None:
                 self.log("train/feedback_gate", self.reasoner.feedback.openness(), batch_size=b)
@@ -590,6 +594,8 @@ class SplitModelModule(LightningModule):
         self.log(f"{prefix}/accuracy_oracle", oracle, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/loss", loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
+        if self.step_acc is not None:
+            self.log(f"{prefix}/step_acc_teacher_forced", self.step_acc, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
 
     def jacobi_gap(self, batch: dict, mem) -> torch.Tensor:
