@@ -85,3 +85,8 @@ def test_halting_loss_trains_the_head_and_validation_reports_steps_used(tiny, tm
     assert not torch.equal(module.reasoner.halt.weight.detach(), before)
     used = float(trainer.callback_metrics["val/latent_steps_used"])
     assert 1.0 <= used <= 3.0
+    assert "val/halt_loss" in trainer.callback_metrics
+    # The loss itself is computed outside a trainer too (the step hooks log it, not _forward).
+    batch = next(iter(dm.val_dataloader()))
+    loss, _, _ = module._forward(batch)
+    assert torch.isfinite(loss) and float(module.halt_loss) > 0

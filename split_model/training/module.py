@@ -181,6 +181,7 @@ class SplitModelModule(LightningModule):
         )
         self.formatter: Formatter | None = None
         self.step_acc: torch.Tensor | None = None  # the last _forward's labelled latent steps right (steps: latent)
+        self.halt_loss: torch.Tensor | None = None  # the last _forward's halting loss (halting on)
         self.task: Task | None = None
         self._format_spec: dict | None = None
         self._graphed: GraphedTraining | None = None
@@ -367,6 +368,7 @@ class SplitModelModule(LightningModule):
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, mem, hidden = self._logits(batch)
         labels = self._label_index(batch["labels"])
+        self.halt_loss = None
         # The mean over scored labels, without asking the host whether there are any (a sync per
         # step on a GPU): with none, e.g. all outside the output vocabulary, the loss is 0, not nan.
         total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -375,9 +377,8 @@ class SplitModelModule(LightningModule):
         if lookup is not None:
             loss = loss + self._retrieval_terms(lookup, labels.shape[0])
         if hidden is not None:
-            halt_loss = self.halting_loss(logits, hidden, batch)
-            self.log("train/halt_loss" if self.training else "val/halt_loss", halt_loss, batch_size=labels.shape[0])
-            loss = loss + self.hparams.halting_weight * halt_loss
+            self.halt_loss = self.halting_loss(logits, hidden, batch)
+            loss = loss + self.hparams.halting_weight * self.halt_loss
         hit = self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]
         labelled = batch["latent"] & (batch["labels"] != IGNORE)  # latent steps with a label (steps: latent)
         # How many of those the model gets right (teacher-forced); logged by the step hooks.
@@ -455,6 +456,8 @@ class SplitModelModule(LightningModule):
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
         if self.step_acc is not None:
             self.log("train/step_acc", self.step_acc, batch_size=b)
+        if self.halt_loss is not None:
+            self.log("train/halt_loss", self.halt_loss, batch_size=b)
         if diagnostics:
             if self.reasoner.feedback is not None:
                 self.log("train/feedback_gate", self.reasoner.feedback.openness(), batch_size=b)
@@ -596,6 +599,8 @@ class SplitModelModule(LightningModule):
         self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
         if self.step_acc is not None:
             self.log(f"{prefix}/step_acc_teacher_forced", self.step_acc, batch_size=b, sync_dist=True)
+        if self.halt_loss is not None:
+            self.log(f"{prefix}/halt_loss", self.halt_loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
 
     def jacobi_gap(self, batch: dict, mem) -> torch.Tensor:
