@@ -47,6 +47,8 @@ def test_latent_mode_labels_each_latent_step_with_its_step_token():
         Formatter(TOK, steps="latent").encode(words)
     seq = Formatter(TOK, steps="latent", step_token="first").encode(words)
     assert seq.n_latent == 2 and seq.labels[:2] == [TOK.encode("b")[0], TOK.encode("w")[0]]
+    none = Formatter(TOK, steps="latent").encode(Example(question="q", steps=(), answer="7"))
+    assert none.n_latent == 0 and none.labels == TOK.encode("7") + [TOK.eos_id]  # no steps: no labelled latent step
     assert Formatter(TOK, steps="latent", step_token="first").encode(one).labels == \
         Formatter(TOK, steps="latent").encode(one).labels  # one-token steps: the same either way
 

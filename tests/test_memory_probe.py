@@ -32,6 +32,8 @@ def test_fact_tokens_point_at_the_subject_is_object_and_full_stop():
     enc = hf(text, return_offsets_mapping=True)
     facts = memory_probe.fact_tokens(text, [tuple(o) for o in enc["offset_mapping"]])
     assert [(a, b) for a, b, _ in facts] == [("brimpus", "lempus"), ("Tom", "terpus")]  # not the question
+    cut = [o for o in enc["offset_mapping"] if o[1] <= len("Every brimpus is a lempus. Tom is a")]
+    assert [(a, b) for a, b, _ in memory_probe.fact_tokens(text, cut)] == [("brimpus", "lempus")]  # truncated: left out
     ids = enc["input_ids"]
     for (a, b, at), words in zip(facts, (("br", "is", "le", "."), ("tom", "is", "ter", "."))):
         for position, word in zip(memory_probe.POSITIONS, words):

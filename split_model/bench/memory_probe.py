@@ -42,12 +42,17 @@ def questions(n: int) -> tuple[list[str], str]:
 
 def fact_tokens(question: str, offsets: list[tuple[int, int]]) -> list[tuple[str, str, dict[str, int]]]:
     """(A, B, token index of each position) for every fact of a question; offsets are the
-    tokenizer's character spans per token."""
+    tokenizer's character spans per token. A fact cut off by truncation is left out."""
 
-    def token_at(char: int) -> int:
-        return next(i for i, (start, end) in enumerate(offsets) if start <= char < end)
+    def token_at(char: int) -> int | None:
+        return next((i for i, (start, end) in enumerate(offsets) if start <= char < end), None)
 
-    return [(m["a"], m["b"], {p: token_at(m.start(p)) for p in POSITIONS}) for m in FACT.finditer(question)]
+    out = []
+    for m in FACT.finditer(question):
+        at = {p: token_at(m.start(p)) for p in POSITIONS}
+        if None not in at.values():
+            out.append((m["a"], m["b"], at))
+    return out
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps: int) -> float:

@@ -109,7 +109,8 @@ class Formatter:
             raise ValueError(f"fixed_steps={self.fixed_steps} labelled latent steps, but an example has "
                              f"{len(ex.steps)} reasoning steps: raise data.fixed_steps to at least the longest chain")
         ids = [self.tok.encode(s) for s in ex.steps]
-        ids += [ids[-1]] * (self._labelled(ex) - len(ids))  # a chain that has arrived stays where it is
+        if len(ids) < self._labelled(ex):  # fixed_steps: a chain that has arrived stays where it is
+            ids += [ids[-1]] * (self._labelled(ex) - len(ids))
         empty = [s for s, i in zip(ex.steps, ids) if not i]
         if empty:
             raise ValueError(f"steps='latent' labels each latent step with a token, but step {empty[0]!r} has none")
