@@ -380,14 +380,13 @@ class SplitModelModule(LightningModule):
             self.halt_loss = self.halting_loss(logits, hidden, batch)
             loss = loss + self.hparams.halting_weight * self.halt_loss
         hit = self.reasoner.token_ids(logits.argmax(-1)) == batch["labels"]
-        labelled = batch["latent"] & (batch["labels"] != IGNORE)  # latent steps with a label (steps: latent)
-        # How many of those the model gets right (teacher-forced); logged by the step hooks.
-        self.step_acc = (hit & labelled).sum() / labelled.sum().clamp_min(1) if self._labels_latent() else None
+        self.step_acc = None
+        if self.formatter is not None and self.formatter.steps == "latent":
+            # The share of labelled latent steps right (teacher-forced); logged by the step hooks.
+            labelled = batch["latent"] & (batch["labels"] != IGNORE)
+            self.step_acc = (hit & labelled).sum() / labelled.sum().clamp_min(1)
         right = hit | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
-
-    def _labels_latent(self) -> bool:
-        return self.formatter is not None and self.formatter.steps == "latent"
 
     def _retrieval_terms(self, lookup, b: int) -> torch.Tensor | float:
         """Logs the search's recall of the gold chunks; returns the weighted auxiliary loss."""
