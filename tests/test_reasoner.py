@@ -84,7 +84,7 @@ def uncached_reference(model: Reasoner, mem, tokens, latent) -> torch.Tensor:
     out = []
     for t in range(steps):
         fb = torch.cat(feedback, dim=1) if model.feedback is not None else None
-        hidden, states, _ = model.run(tokens[:, : t + 1], latent[:, : t + 1], mem, None, fb)
+        hidden, states, *_ = model.run(tokens[:, : t + 1], latent[:, : t + 1], mem, None, fb)
         out.append(model.logits(hidden[:, -1]))
         if model.feedback is not None:
             feedback.append(model.feedback(states[:, :, -1:]))

@@ -38,14 +38,17 @@ class BruteLookup:
         self.observed.append(log_probs)
 
 
-def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, query: str = "layer") -> Reasoner:
+def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, query: str = "layer",
+          quote: bool = False) -> Reasoner:
     torch.manual_seed(seed)
     cfg = ReasonerConfig(d_model=32, n_layers=2, n_heads=4, feedback=feedback, retrieval_k=3,
-                         retrieval_every=every, retrieval_layer=layer, retrieval_query=query)
+                         retrieval_every=every, retrieval_layer=layer, retrieval_query=query, retrieval_quote=quote)
     r = Reasoner(cfg, vocab_size=V, memory_dim=D, num_states=S, key_dim=DK)
-    if r.feedback is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if r.feedback is not None:
             r.feedback.gate.weight.normal_(0, 0.2)  # open, so the feedback path matters
+        if quote:
+            r.retrieval.quote_write.weight.normal_(0, 0.5)  # quoting, so the quote path matters
     return r
 
 
@@ -83,13 +86,13 @@ def test_gradient_reaches_the_query_projection():
     assert r.retrieval.kind.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("query", ["layer", "previous"])
+@pytest.mark.parametrize("query", ["layer", "previous", "quote"])
 @pytest.mark.parametrize("feedback", ["none", "all"])
 def test_training_forward_equals_generation_steps(feedback, query):
     """Without feedback and with queries from the step's own layer, the forward is one parallel
     pass (one search for every position); every variant must compute what the recurrent
     steps compute, one search per step. Jacobi passes (as many as steps) compute it too."""
-    r = model(feedback, query=query)
+    r = model(feedback, query="previous" if query == "quote" else query, quote=query == "quote")
     tokens, latent, states, mask = inputs()
     parallel = BruteLookup()
     out = r(tokens, latent, memory(r, states, mask, parallel))
@@ -120,6 +123,56 @@ def test_queries_from_the_previous_step_read_its_final_state():
             if t:
                 torch.testing.assert_close(spy.queries, r.retrieval.previous(r.norm(state.layer_states[-1])))
             state = new
+
+
+def test_a_quote_carries_what_a_step_fetched_into_the_next_query():
+    """retrieval_quote: step t+1's query is the previous projection of step t's final hidden
+    plus quote_write of the fetched tokens' memory states, weighted by attention. With the
+    attention's read weights at zero every real token of chunk j scores log p_j, as in the
+    cross-attention, so the quote can be computed by hand from what the lookup returned."""
+
+    class Spy(BruteLookup):
+        def __call__(self, queries, positions):
+            self.queries, self.found = queries, super().__call__(queries, positions)
+            return self.found
+
+    r = model("none", query="previous", quote=True)
+    with torch.no_grad():
+        r.retrieval.quote_read.weight.zero_()
+    tokens, latent, states, mask = inputs()
+    spy = Spy()
+    with torch.no_grad():
+        state = r.start(memory(r, states, mask, spy))
+        _, state = r.step(state, tokens[:, 0], latent[:, 0])
+        found, log_p = spy.found, spy.observed[-1]  # step 0's chunks (B, 1, k, ...) and their log p (B, 1, k)
+        real = found.mask[:, 0]  # (B, k, n)
+        weights = log_p[:, 0, :, None].exp() * real  # p_j on each real token of chunk j
+        weights = weights / weights.sum((1, 2), keepdim=True)
+        quoted = torch.einsum("bkn,bknd->bd", weights, found.states[:, 0, :, :, -1])
+        hidden = r.norm(state.layer_states[-1][:, 0])
+        expected = r.retrieval.previous(hidden) + r.retrieval.quote_write(quoted)
+        r.step(state, tokens[:, 1], latent[:, 1])
+    torch.testing.assert_close(spy.queries[:, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quoting_starts_as_the_query_without_quoting_and_learns():
+    """The quote's write projection starts at zero: outputs equal the unquoting model's with the
+    same seed (its weights are created last), and the loss reaches the quote's projection."""
+    tokens, latent, states, mask = inputs()
+    plain = model("all", query="previous")
+    torch.manual_seed(0)
+    quoting = Reasoner(plain.cfg.__class__(**{**vars(plain.cfg), "retrieval_quote": True}), vocab_size=V,
+                       memory_dim=D, num_states=S, key_dim=DK)
+    quoting.load_state_dict(plain.state_dict(), strict=False)
+    assert not quoting.retrieval.quote_write.weight.any()
+    out = quoting(tokens, latent, memory(quoting, states, mask, BruteLookup()))
+    with torch.no_grad():
+        ref = plain(tokens, latent, memory(plain, states, mask, BruteLookup()))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().mean().backward()
+    assert quoting.retrieval.quote_write.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="retrieval_quote"):
+        ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2, retrieval_quote=True)
 
 
 def test_queries_only_every_n_steps():

@@ -41,10 +41,11 @@ MEMORY_TOKENS = 32 + K * CHUNK_TOKENS  # a question and K fetched chunks
 GOAL_SHARE, GOAL_RECALL = 0.2, 0.95
 BACKBONE = {"model_type": "llama", "hidden_size": KEY_DIM, "intermediate_size": KEY_DIM, "num_hidden_layers": 1,
             "num_attention_heads": 6, "max_position_embeddings": 32}
-# Search-time settings tried, in order; the first that reaches GOAL_RECALL is kept.
+# Search-time settings tried, cheapest first; the first that reaches GOAL_RECALL is kept.
 SWEEPS = {"flat": [{}],
-          "hnsw": [{"hnsw_ef_search": ef} for ef in (32, 64, 128, 256)],
-          "ivfpq": [{"nprobe": n, "refine": r} for n, r in ((16, 4), (32, 4), (32, 8), (64, 8), (128, 16))]}
+          "hnsw": [{"hnsw_ef_search": ef} for ef in (8, 12, 16, 24, 32, 64, 128, 256)],
+          "ivfpq": [{"nprobe": n, "refine": r} for n, r in ((4, 8), (8, 8), (16, 4), (16, 8), (32, 4), (32, 8),
+                                                            (64, 8), (128, 16))]}
 
 
 def index_specs():

@@ -39,6 +39,12 @@ class ReasonerConfig:
             query only through the feedback). previous: the previous step's final hidden
             state, which has read what that step fetched (hop h+1's query is one projection
             of hop h's result; step 0, having no previous step, uses the layer rule).
+        retrieval_quote: with retrieval_query previous, the next step's query also quotes what
+            this step fetched: an attention from the step's normed final hidden over the
+            fetched tokens' memory states (the deepest layer the store holds), mapped into the
+            key space by a zero-initialised projection. A name read in a fetched chunk then
+            reaches the next query in the memory's own space, not squeezed through the
+            reasoner's width; at initialisation the query is exactly the one without quoting.
     """
 
     d_model: int = 256  # residual width
@@ -54,6 +60,7 @@ class ReasonerConfig:
     retrieval_every: int = 1  # steps between queries
     retrieval_layer: int = 1  # query after this many blocks; chunks join the blocks from here up
     retrieval_query: RetrievalQuery = "layer"  # the query's source: this step's layer, or the previous step's output
+    retrieval_quote: bool = False  # previous: the next query also quotes the fetched chunks' memory states
 
     def __post_init__(self):
         if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.embed_rank <= 0:
@@ -77,6 +84,10 @@ class ReasonerConfig:
                              "the fetched chunks join the blocks from that one up")
         if self.retrieval_query not in ("layer", "previous"):
             raise ValueError(f"retrieval_query must be layer or previous, got {self.retrieval_query!r}")
+        if self.retrieval_quote and not (self.retrieval_k and self.retrieval_query == "previous"):
+            raise ValueError("retrieval_quote quotes fetched chunks into the next step's query: it needs "
+                             f"retrieval_k > 0 and retrieval_query: previous (got retrieval_k={self.retrieval_k}, "
+                             f"retrieval_query={self.retrieval_query!r})")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 

@@ -51,6 +51,7 @@ class ReasonerState:
     memory: MemoryKV  # cross-attention keys/values of the context
     caches: list[LayerCache] | None  # per block, self-attention K/V of past steps
     layer_states: torch.Tensor | None  # (L+1, B, 1, d): every layer's output at the last step
+    proposal: torch.Tensor | None = None  # (B, 1, Dk) the retrieval query the last step proposed (query: previous)
 
     @property
     def position(self) -> int:
@@ -60,7 +61,8 @@ class ReasonerState:
         """Cut the gradient path into the past (truncated backprop through time)."""
         caches = None if self.caches is None else [c.detach() for c in self.caches]
         layer_states = None if self.layer_states is None else self.layer_states.detach()
-        return replace(self, caches=caches, layer_states=layer_states)
+        proposal = None if self.proposal is None else self.proposal.detach()
+        return replace(self, caches=caches, layer_states=layer_states, proposal=proposal)
 
 
 class MemoryAdapter(nn.Module):
@@ -111,7 +113,8 @@ class Reasoner(nn.Module):
             nn.init.constant_(self.halt.bias, HALT_INIT_BIAS)  # "continue": sigmoid(-3) = 0.047
         self.retrieval = None
         if cfg.retrieval_k:  # created last, for the same reason
-            self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every, cfg.retrieval_query == "previous")
+            self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every, cfg.retrieval_query == "previous",
+                                           quote_dim=memory_dim if cfg.retrieval_quote else 0)
         self.last_latent_steps: torch.Tensor | None = None  # latent steps each row took in the last generate
         # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
         self.register_buffer("output_ids", None, persistent=False)
@@ -163,13 +166,15 @@ class Reasoner(nn.Module):
         caches: list[LayerCache] | None = None,
         feedback_in: torch.Tensor | None = None,
         previous: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[LayerCache]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[LayerCache], torch.Tensor | None]:
         """T new positions. tokens, latent: (B, T); feedback_in: (B, T, d) or None; previous:
-        (B, T, d) the normed final hidden of each position's previous step, for retrieval queries
-        (retrieval_query: previous), or None.
+        (B, T, Dk) the retrieval query each position's previous step proposed (retrieval_query:
+        previous), or None.
 
         Returns the normed final hidden (B, T, d), every layer's output (L+1, B, T, d)
-        (index 0 is the input) and the extended caches.
+        (index 0 is the input), the extended caches, and the retrieval query each position
+        proposes for the step after it (B, T, Dk) where queries come from the previous step,
+        else None.
         """
         start = 0 if caches is None else caches[0].length
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
@@ -184,7 +189,9 @@ class Reasoner(nn.Module):
             x, cache = blk(x, None if caches is None else caches[i], memory.kv[i], memory.mask, fetched)
             layer_states.append(x)
             new_caches.append(cache)
-        return self.norm(x), torch.stack(layer_states), new_caches
+        hidden = self.norm(x)
+        proposal = self.retrieval.propose(hidden, fetched) if self._queries_previous(memory) else None
+        return hidden, torch.stack(layer_states), new_caches, proposal
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., V), or (..., K) over output_ids when an output vocabulary is set."""
@@ -207,16 +214,17 @@ class Reasoner(nn.Module):
 
     def _advance(self, state: ReasonerState, tokens: torch.Tensor, latent: torch.Tensor):
         """tokens, latent: (B,) -> the normed final hidden (B, d) of this step and the next state."""
-        hidden, layer_states, caches = self._step_hidden(state, tokens[:, None], latent[:, None])
-        return hidden[:, 0], ReasonerState(memory=state.memory, caches=caches, layer_states=layer_states)
+        hidden, state = self._step_hidden(state, tokens[:, None], latent[:, None])
+        return hidden[:, 0], state
 
-    def _step_hidden(self, state: ReasonerState, tokens, latent):
-        fb = previous = None
+    def _step_hidden(self, state: ReasonerState, tokens, latent) -> tuple[torch.Tensor, ReasonerState]:
+        """tokens, latent (B, 1) -> the step's normed final hidden (B, 1, d) and the next state."""
+        fb = None
         if self.feedback is not None and state.layer_states is not None:
             fb = self.feedback(state.layer_states)  # (B, 1, d)
-        if self._queries_previous(state.memory) and state.layer_states is not None:
-            previous = self.norm(state.layer_states[-1])  # (B, 1, d)
-        return self.run(tokens, latent, state.memory, state.caches, fb, previous)
+        hidden, layer_states, caches, proposal = self.run(tokens, latent, state.memory, state.caches, fb,
+                                                          state.proposal)
+        return hidden, ReasonerState(memory=state.memory, caches=caches, layer_states=layer_states, proposal=proposal)
 
     def _queries_previous(self, memory: MemoryKV) -> bool:
         """Whether retrieval queries come from the previous step (a recurrence even without feedback)."""
@@ -232,7 +240,7 @@ class Reasoner(nn.Module):
         if memory.lookup is not None:  # a search per step is a host round trip: the step-by-step path
             return self.forward_dynamic(tokens, latent, memory, bptt_steps, return_hidden)
         if self.feedback is None:  # no recurrence besides attention: one parallel pass is exact
-            hidden, _, _ = self.run(tokens, latent, memory)
+            hidden, *_ = self.run(tokens, latent, memory)
             return self._out(hidden, return_hidden)
         if self.output_ids is None:
             hidden = static_forward(self, self.embed(tokens), latent, memory, bptt_steps)
@@ -257,7 +265,7 @@ class Reasoner(nn.Module):
         """Feedback switched off: one parallel teacher-forced pass over all positions, whatever
         `feedback` is configured (its parameters get no gradient). While the feedback gate is
         closed (as it starts) this is exactly `forward`."""
-        hidden, _, _ = self.run(tokens, latent, memory)
+        hidden, *_ = self.run(tokens, latent, memory)
         return self._out(hidden, return_hidden)
 
     def forward_jacobi(
@@ -274,7 +282,7 @@ class Reasoner(nn.Module):
         sequential path detaches its KV cache too)."""
         if passes < 1:
             raise ValueError(f"jacobi needs at least one pass, got {passes}")
-        hidden, layer_states, _ = self.run(tokens, latent, memory)
+        hidden, layer_states, _, proposal = self.run(tokens, latent, memory)
         previous = self._queries_previous(memory)
         if self.feedback is None and not previous:  # nothing is fed back: one pass is exact
             return self._out(hidden, return_hidden)
@@ -287,8 +295,12 @@ class Reasoner(nn.Module):
             if cut is not None:
                 prev = torch.where(cut[: t - 1], prev.detach(), prev)
             fed = None if self.feedback is None else F.pad(self.feedback(prev), (0, 0, 1, 0))  # position 0 reads nothing
-            last = F.pad(self.norm(prev[-1]), (0, 0, 1, 0)) if previous else None  # (B, T, d) queries' source
-            hidden, layer_states, _ = self.run(tokens, latent, memory, None, fed, last)
+            last = None
+            if previous:  # position t queries with what position t-1 proposed in the last pass
+                proposed = proposal[:, :-1] if cut is None else torch.where(cut[: t - 1], proposal[:, :-1].detach(),
+                                                                             proposal[:, :-1])
+                last = F.pad(proposed, (0, 0, 1, 0))  # (B, T, Dk); position 0 queries from its own layer
+            hidden, layer_states, _, proposal = self.run(tokens, latent, memory, None, fed, last)
         return self._out(hidden, return_hidden)
 
     def forward_dynamic(
@@ -297,14 +309,13 @@ class Reasoner(nn.Module):
     ):
         """What `forward` computes, one `step` at a time with a growing cache (the reference)."""
         if self.feedback is None and not self._queries_previous(memory):
-            hidden, _, _ = self.run(tokens, latent, memory)
+            hidden, *_ = self.run(tokens, latent, memory)
             return self._out(hidden, return_hidden)
         state, hiddens = self.start(memory), []
         for t in range(tokens.shape[1]):
             if bptt_steps and t and t % bptt_steps == 0:
                 state = state.detach()
-            hidden, layer_states, caches = self._step_hidden(state, tokens[:, t : t + 1], latent[:, t : t + 1])
-            state = ReasonerState(memory=memory, caches=caches, layer_states=layer_states)
+            hidden, state = self._step_hidden(state, tokens[:, t : t + 1], latent[:, t : t + 1])
             hiddens.append(hidden)
         return self._out(torch.cat(hiddens, dim=1), return_hidden)
 

@@ -13,6 +13,12 @@ other fetched keys. `Lookup.observe` sees those log-probabilities and the querie
 caller that knows which chunk a step should have fetched can add a loss on them (see
 split_model.retrieval.lookup).
 
+With `retrieval_query: previous`, step t+1's query is what step t proposes (`propose`): a
+projection of its normed final hidden state and, with `retrieval_quote`, a quote of what it
+fetched: attention from that state over the fetched tokens' memory states, mapped into the
+key space. Keys are the memory's own mean-pooled states, so a quote can carry a name read in
+a chunk into the next query without compressing it to the reasoner's width first.
+
 Which hop can depend on which: with `retrieval_layer` >= 1 the query reads the question
 (block 0 cross-attends to it), and the chunks fetched at step t reach step t+1 only through
 the feedback (the blocks below `retrieval_layer` never see them, and self-attention at
@@ -61,12 +67,15 @@ class Fetched:
 
     states: torch.Tensor  # (B, T, M, d) adapted chunk states
     bias: torch.Tensor  # (B, T, M) additive attention bias: log p of the token's chunk, -inf for padding
+    raw: torch.Tensor  # (B, T, M, D_mem) the tokens' memory states at the deepest stored layer (for quoting)
+    real: torch.Tensor  # (B, T, M) bool: a fetched token, not padding
 
 
 class RetrievalHead(nn.Module):
     """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
 
-    def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False):
+    def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False, quote_dim: int = 0):
+        """quote_dim: width of the fetched memory states a proposal quotes (0: no quoting)."""
         super().__init__()
         self.every = every
         self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
@@ -74,18 +83,24 @@ class RetrievalHead(nn.Module):
         self.previous = nn.Linear(d_model, key_dim, bias=False) if from_previous else None
         # Marks fetched tokens apart from the question's (both carry token positions 0, 1, ...).
         self.kind = nn.Parameter(torch.zeros(d_model))
+        self.quote_read = self.quote_write = None
+        if quote_dim:  # retrieval_quote: created last, so the other weights match the unquoting head's
+            self.quote_read = nn.Linear(d_model, quote_dim, bias=False)  # what to look for among the fetched tokens
+            self.quote_write = nn.Linear(quote_dim, key_dim, bias=False)  # memory states -> key space
+            nn.init.zeros_(self.quote_write.weight)  # starts as the query without quoting
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module,
                 previous: torch.Tensor | None = None) -> Fetched | None:
-        """x (B, T, d) states of the querying layer at steps `positions` (T,); previous (B, T, d):
-        each position's previous step's final hidden state (used where the head reads it, at
-        positions > 0). None when no position queries (a step between queries)."""
+        """x (B, T, d) states of the querying layer at steps `positions` (T,); previous (B, T, Dk):
+        the query each position's previous step proposed (`propose`), used at positions > 0
+        where the head queries from the previous step. None when no position queries (a step
+        between queries)."""
         asking = positions % self.every == 0  # (T,)
         if x.shape[1] == 1 and not bool(asking[0]):  # one step, known on the host (positions are host-made)
             return None
         q = self.query(x)  # (B, T, Dk)
         if self.previous is not None and previous is not None:
-            q = torch.where((positions == 0)[None, :, None], q, self.previous(previous))
+            q = torch.where((positions == 0)[None, :, None], q, previous)
         found = lookup(q.detach(), positions)
         b, t, k, n = found.mask.shape
         valid = (found.ids >= 0) & asking[None, :, None]  # (B, T, k)
@@ -95,4 +110,19 @@ class RetrievalHead(nn.Module):
         states = adapter(found.states.flatten(0, 2)).view(b, t, k * n, -1) + self.kind  # (B*T*k, n, S, D) -> (B, T, k*n, d)
         real = (found.mask & valid[..., None]).flatten(2)  # (B, T, k*n)
         bias = log_p[..., None].expand(b, t, k, n).flatten(2).masked_fill(~real, float("-inf"))
-        return Fetched(states=states, bias=bias)
+        raw = found.states[..., -1, :].flatten(2, 3).to(x.dtype)  # (B, T, k*n, D_mem)
+        return Fetched(states=states, bias=bias, raw=raw, real=real)
+
+    def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
+        """The query each position proposes for the step after it: hidden (B, T, d), its normed
+        final hidden state; fetched: what it fetched (None: nothing, a step between queries).
+        (B, T, Dk): the `previous` projection, plus with quoting the attention-weighted fetched
+        memory states mapped into the key space (zero where a position fetched nothing)."""
+        proposal = self.previous(hidden)
+        if self.quote_write is None or fetched is None:
+            return proposal
+        raw = fetched.raw  # (B, T, M, D_mem)
+        scores = torch.einsum("btd,btmd->btm", self.quote_read(hidden), raw) * raw.shape[-1] ** -0.5
+        scores = scores + fetched.bias.masked_fill(~fetched.real, 0.0)  # prefer the likelier chunks' tokens
+        weights = scores.masked_fill(~fetched.real, NEG).softmax(-1) * fetched.real.any(-1, keepdim=True)
+        return proposal + self.quote_write(torch.einsum("btm,btmd->btd", weights, raw))

@@ -138,7 +138,7 @@ def noisy_rollout(reasoner, memory: MemoryKV, n_latent: int, budget: int, bos_id
         fed.append(fb)
         tokens = prev if t > n_latent else torch.full_like(prev, bos_id)
         latent = torch.full((b, 1), t < n_latent, dtype=torch.bool, device=device)
-        hidden, states, caches = reasoner.run(tokens, latent, memory, caches, fb)
+        hidden, states, caches, _ = reasoner.run(tokens, latent, memory, caches, fb)
         prev = reasoner.token_ids(choose(reasoner.logits(hidden[:, 0])))[:, None]
         if t >= n_latent:
             written.append(prev[:, 0])
@@ -167,7 +167,7 @@ def feedback_log_density(reasoner, tokens: torch.Tensor, latent: torch.Tensor, m
     Exact for the noisy policy: given its inputs, each position depends on earlier ones only
     through causal self-attention, which one pass computes.
     """
-    hidden, states, _ = reasoner.run(tokens, latent, memory, None, fed)
+    hidden, states, *_ = reasoner.run(tokens, latent, memory, None, fed)
     mean = reasoner.feedback(states[:, :, :-1])  # (B, T-1, d): the noise-free feedback into 1..T-1
     logdens = -(fed[:, 1:] - mean).pow(2).sum(-1) / (2 * sigma**2)
     return reasoner.logits(hidden), F.pad(logdens, (1, 0))
