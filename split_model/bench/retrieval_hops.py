@@ -29,9 +29,10 @@ CONFIG = ROOT / "configs" / "world.yaml"
 VARIANTS = {
     "retrieval_all": ["--model.reasoner.feedback=all"],
     "retrieval_none": ["--model.reasoner.feedback=none"],
-    "no_retrieval": ["--model.reasoner.feedback=all", "--model.reasoner.retrieval_k=0", "--model.store=null"],
+    "no_retrieval": ["--model.reasoner.feedback=all", "--model.reasoner.retrieval_k=0",
+                     "--model.reasoner.retrieval_quote=false", "--model.store=null"],
 }
-STEPS = 2500  # optimizer steps per variant (--steps overrides)
+STEPS = 6000  # optimizer steps per variant (--steps overrides)
 WORKERS = 2  # variants trained side by side, one thread each (the machine has 2 cores)
 
 
@@ -96,7 +97,7 @@ def run(args) -> dict:
     stores = {w: build_store(w, n_entities, memory, runs) for w in (0, 1)}
     held_out = {"n_valid": 40, "n_test": 40} if args.quick else {"n_valid": 400, "n_test": 400}
     unseen = KnowledgeWorld(world=1, n_entities=n_entities, n_train=200 if args.quick else 2000, **held_out)
-    seen = KnowledgeWorld(world=0, n_entities=n_entities, n_train=200 if args.quick else 20000, **held_out)
+    seen = KnowledgeWorld(world=0, n_entities=n_entities, n_train=200 if args.quick else 60000, **held_out)
     size = ["--data.task.init_args.n_entities=%d" % n_entities]
     if args.quick:
         size += ["--data.task.init_args.n_train=200", "--data.task.init_args.n_valid=40",
