@@ -43,7 +43,7 @@ BACKBONE = {"model_type": "llama", "hidden_size": KEY_DIM, "intermediate_size": 
             "num_attention_heads": 6, "max_position_embeddings": 32}
 # Search-time settings tried, cheapest first; the first that reaches GOAL_RECALL is kept.
 SWEEPS = {"flat": [{}],
-          "hnsw": [{"hnsw_ef_search": ef} for ef in (8, 12, 16, 24, 32, 64, 128, 256)],
+          "hnsw": [{"hnsw_ef_search": ef} for ef in (8, 10, 12, 16, 24, 32, 64, 128, 256)],
           "ivfpq": [{"nprobe": n, "refine": r} for n, r in ((4, 8), (8, 8), (16, 4), (16, 8), (32, 4), (32, 8),
                                                             (64, 8), (128, 16))]}
 
@@ -51,7 +51,7 @@ SWEEPS = {"flat": [{}],
 def index_specs():
     from split_model.retrieval import IndexSpec
 
-    return {"flat": IndexSpec("flat"), "hnsw": IndexSpec("hnsw", hnsw_m=32), "ivfpq": IndexSpec("ivfpq", pq_m=32)}
+    return {"flat": IndexSpec("flat"), "hnsw": IndexSpec("hnsw", hnsw_m=16), "ivfpq": IndexSpec("ivfpq", pq_m=32)}
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
