@@ -67,7 +67,7 @@ class Fetched:
 
     states: torch.Tensor  # (B, T, M, d) adapted chunk states
     bias: torch.Tensor  # (B, T, M) additive attention bias: log p of the token's chunk, -inf for padding
-    raw: torch.Tensor  # (B, T, M, D_mem) the tokens' memory states at the deepest stored layer (for quoting)
+    raw: torch.Tensor | None  # (B, T, M, D_mem) the tokens' memory states at the deepest stored layer (quoting only)
     real: torch.Tensor  # (B, T, M) bool: a fetched token, not padding
 
 
@@ -110,7 +110,9 @@ class RetrievalHead(nn.Module):
         states = adapter(found.states.flatten(0, 2)).view(b, t, k * n, -1) + self.kind  # (B*T*k, n, S, D) -> (B, T, k*n, d)
         real = (found.mask & valid[..., None]).flatten(2)  # (B, T, k*n)
         bias = log_p[..., None].expand(b, t, k, n).flatten(2).masked_fill(~real, float("-inf"))
-        raw = found.states[..., -1, :].flatten(2, 3).to(x.dtype)  # (B, T, k*n, D_mem)
+        raw = None  # (B, T, k*n, D_mem) for quoting: the deepest stored layer
+        if self.quote_write is not None:
+            raw = found.states[..., -1, :].flatten(2, 3).to(x.dtype)
         return Fetched(states=states, bias=bias, raw=raw, real=real)
 
     def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
