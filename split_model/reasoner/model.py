@@ -290,16 +290,17 @@ class Reasoner(nn.Module):
         cut = None
         if bptt_steps and t > bptt_steps:  # cut[t-1] is True where position t reads detached states
             cut = (torch.arange(1, t + 1, device=tokens.device) % bptt_steps == 0)[:, None]
+
+        def read(x: torch.Tensor) -> torch.Tensor:
+            """(..., T, D) of the last pass -> (..., T-1, D): what positions 1..T-1 read, cut where BPTT cuts."""
+            x = x[..., :-1, :]
+            return x if cut is None else torch.where(cut[: t - 1], x.detach(), x)
+
         for _ in range(passes - 1):
-            prev = layer_states[:, :, :-1]  # (L+1, B, T-1, d): what positions 1..T-1 read
-            if cut is not None:
-                prev = torch.where(cut[: t - 1], prev.detach(), prev)
+            prev = read(layer_states)  # (L+1, B, T-1, d)
             fed = None if self.feedback is None else F.pad(self.feedback(prev), (0, 0, 1, 0))  # position 0 reads nothing
-            last = None
-            if previous:  # position t queries with what position t-1 proposed in the last pass
-                proposed = proposal[:, :-1] if cut is None else torch.where(cut[: t - 1], proposal[:, :-1].detach(),
-                                                                             proposal[:, :-1])
-                last = F.pad(proposed, (0, 0, 1, 0))  # (B, T, Dk); position 0 queries from its own layer
+            # Position t queries with what position t-1 proposed; position 0 queries from its own layer.
+            last = F.pad(read(proposal), (0, 0, 1, 0)) if previous else None  # (B, T, Dk)
             hidden, layer_states, _, proposal = self.run(tokens, latent, memory, None, fed, last)
         return self._out(hidden, return_hidden)
 
