@@ -59,12 +59,20 @@ def run_lightning(argv: list[str] | None):
             # With --ckpt_path, Lightning replaces the model's settings by the checkpoint's. The
             # retrieval store is what the model searches, not what it learned: the config's and
             # the command line's store stays (validate on another world by naming its store).
+            # Every other setting the checkpoint replaces is named on stderr, so that an override
+            # such as --model.reasoner.retrieval_k=8 is never dropped without a word.
             sub = self.config.get("subcommand")
             model = self.config[sub].get("model") if sub else None
             store = None if model is None else model.get("store")
+            asked = {} if model is None else flat_settings(model.as_dict())
             super()._parse_ckpt_path()
             if store is not None:
                 self.config[sub]["model"]["store"] = store
+            if model is not None:
+                replaced = replaced_settings(asked, flat_settings(self.config[sub]["model"].as_dict()))
+                if replaced:
+                    print("split-model: --ckpt_path sets the model's settings; the checkpoint's values replace "
+                          "these of the config and command line: " + "; ".join(replaced), file=sys.stderr)
 
         def before_instantiate_classes(self) -> None:
             config = self.config.get(self.subcommand, self.config)
@@ -314,6 +322,24 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
     from split_model.training.module import NonFiniteError
 
     return (*USER_ERRORS, NonFiniteError)
+
+
+def flat_settings(settings: dict, prefix: str = "model") -> dict[str, object]:
+    """Nested settings as {"model.reasoner.feedback": "all", ...}."""
+    out: dict[str, object] = {}
+    for key, value in settings.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out.update(flat_settings(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def replaced_settings(asked: dict[str, object], used: dict[str, object]) -> list[str]:
+    """"name: asked -> used" for each setting whose value changed (the store is kept, not replaced)."""
+    return [f"{name}: {asked[name]!r} -> {used[name]!r}" for name in sorted(asked.keys() & used.keys())
+            if name != "model.store" and asked[name] != used[name]]
 
 
 def one_line(error: BaseException) -> str:

@@ -309,6 +309,24 @@ def test_validate_with_a_checkpoint_searches_the_store_it_is_given(tiny, tmp_pat
     assert cli.model.store.path == tmp_path / "b"
 
 
+def test_validate_names_each_setting_the_checkpoint_replaces(fitted_cli, tiny, capfd):
+    """A model setting asked for on the command line that the checkpoint overrides is named on
+    stderr with both values; settings equal to the checkpoint's are not named."""
+    ckpt = fitted_cli.cli.trainer.checkpoint_callback.last_model_path
+    root = fitted_cli.root / "validate-override"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tiny.repo)
+        mp.setattr(sys, "argv", ["split-model"])
+        cli = dispatch(["validate", "--config", "configs/debug.yaml", "--ckpt_path", ckpt, *SMALL_DATA,
+                        "--model.reasoner.feedback=none", "--data.cache_dir", str(fitted_cli.root / "cache"),
+                        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+                        "--trainer.enable_progress_bar", "false"])
+    assert cli.model.reasoner.cfg.feedback == "all"  # the checkpoint's, as trained
+    lines = [line for line in capfd.readouterr().err.splitlines() if "--ckpt_path sets the model's settings" in line]
+    assert len(lines) == 1
+    assert lines[0].endswith("these of the config and command line: model.reasoner.feedback: 'none' -> 'all'")
+
+
 def test_rl_fine_tunes_a_fitted_checkpoint_from_the_command_line(fitted_cli, tiny, tmp_path):
     """The recipe's last step as a user runs it: `fit` with objective rl, starting from another
     run's checkpoint (model.init_from), logs rewards and writes its own checkpoint."""
