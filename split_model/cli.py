@@ -337,7 +337,7 @@ def flat_settings(settings: dict, prefix: str = "model") -> dict[str, object]:
 
 
 def replaced_settings(asked: dict[str, object], used: dict[str, object]) -> list[str]:
-    """"name: asked -> used" for each setting whose value changed (the store is kept, not replaced)."""
+    """One line "name: asked -> used" per setting whose value changed; the store is kept, not replaced."""
     return [f"{name}: {asked[name]!r} -> {used[name]!r}" for name in sorted(asked.keys() & used.keys())
             if name != "model.store" and asked[name] != used[name]]
 
