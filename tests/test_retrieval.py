@@ -278,19 +278,30 @@ def test_an_answer_only_the_store_holds_is_learned_through_retrieval(tmp_path):
         dm.setup("fit")
         batches[w] = next(iter(dm.train_dataloader()))
     opt = module.build_optimizer()
+    truth = {w: [lives[n] for n in names] for w, lives in worlds.items()}
+
+    def answers() -> dict[str, list[str]]:
+        module.eval()
+        out = {}
+        for w in worlds:
+            module.store = stores[w]
+            out[w] = module.generate([f"where does {n} live?" for n in names], max_new_tokens=6)
+        module.train()
+        return out
+
+    # Trained until every answer of both worlds is right, checked every 50 steps, at most 800
+    # steps (seeds 0-2 got there by step 200-400; the exact step moves with float rounding).
     module.train()
-    for step in range(300):
+    for step in range(800):
         w = "ab"[step % 2]
         module.store = stores[w]
         loss = module._forward(batches[w])[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    module.eval()
-    for w, lives in worlds.items():
-        module.store = stores[w]
-        answers = module.generate([f"where does {n} live?" for n in names], max_new_tokens=6)
-        assert answers == [lives[n] for n in names], w
+        if (step + 1) % 50 == 0 and answers() == truth:
+            break
+    assert answers() == truth
 
 
 def _facts_store(tmp_path, memory, name: str = "s"):
