@@ -59,8 +59,9 @@ def run_lightning(argv: list[str] | None):
             # With --ckpt_path, Lightning replaces the model's settings by the checkpoint's. The
             # retrieval store is what the model searches, not what it learned: the config's and
             # the command line's store stays (validate on another world by naming its store).
-            # Every other setting the checkpoint replaces is named on stderr, so that an override
-            # such as --model.reasoner.retrieval_k=8 is never dropped without a word.
+            # Every setting the checkpoint replaces (the store too, where none was given) is named
+            # on stderr, so that an override such as --model.reasoner.retrieval_k=8 is never
+            # dropped without a word.
             sub = self.config.get("subcommand")
             model = self.config[sub].get("model") if sub else None
             store = None if model is None else model.get("store")
@@ -337,9 +338,9 @@ def flat_settings(settings: dict, prefix: str = "model") -> dict[str, object]:
 
 
 def replaced_settings(asked: dict[str, object], used: dict[str, object]) -> list[str]:
-    """One line "name: asked -> used" per setting whose value changed; the store is kept, not replaced."""
+    """One line "name: asked -> used" per setting whose value changed."""
     return [f"{name}: {asked[name]!r} -> {used[name]!r}" for name in sorted(asked.keys() & used.keys())
-            if name != "model.store" and asked[name] != used[name]]
+            if asked[name] != used[name]]
 
 
 def one_line(error: BaseException) -> str:
