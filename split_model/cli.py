@@ -210,8 +210,10 @@ def data_main(argv: list[str]) -> None:
     p.add_argument("--vocabulary", metavar="FILE", default=None,
                    help="prosqa only: draw person and concept names from this ProsQA JSON file (e.g. prosqa_valid.json: "
                         "the public files' 55 names) instead of the built-in lists")
-    p.add_argument("--world", type=int, default=None, help="world only: which world, 0-7 (default 0)")
-    p.add_argument("--entities", type=int, default=None, help="world only: number of people (default 500)")
+    p.add_argument("--world", type=int, nargs="+", default=None,
+                   help="world only: which world, 0-7 (default 0); several (--world 0 2 3) write their pooled "
+                        "corpus and questions, as a config's `world: [0, 2, 3]` reads them")
+    p.add_argument("--entities", type=int, default=None, help="world only: number of people per world (default 500)")
     args = p.parse_args(argv)
     import json
 
@@ -220,7 +222,8 @@ def data_main(argv: list[str]) -> None:
     if args.kind == "world":
         if args.compare is not None or args.vocabulary is not None:
             p.error("--compare and --vocabulary apply to prosqa only")
-        given = {"world": args.world, "n_entities": args.entities, "n_valid": args.n}
+        world = args.world if args.world is None or len(args.world) > 1 else args.world[0]
+        given = {"world": world, "n_entities": args.entities, "n_valid": args.n}
         corpus, questions = write_world(args.out, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
         n_docs, n_questions = (len(path.read_text().splitlines()) for path in (corpus, questions))
         print(f"wrote {n_docs} documents to {corpus} and {n_questions} valid questions to {questions}")

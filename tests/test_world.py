@@ -186,3 +186,44 @@ def test_data_world_writes_the_corpus_and_the_valid_questions(tmp_path, capsys):
     assert [Example(r["question"], tuple(r["steps"]), r["answer"]) for r in rows] == task.examples("valid")
     with pytest.raises(SystemExit):
         dispatch(["data", "prosqa", "--out", str(tmp_path / "p.json"), "--world", "1"])
+
+
+def test_a_list_of_worlds_pools_their_corpora_and_shares_every_split_out_evenly():
+    pooled = KnowledgeWorld(world=[0, 3], n_entities=40, n_train=90, n_valid=20, n_test=10, seed=1)
+    alone = {w: KnowledgeWorld(world=w, n_entities=40, n_train=45, n_valid=10, n_test=5, seed=1) for w in (0, 3)}
+    assert pooled.label == "world0+3" and KnowledgeWorld(world=[2], n_entities=40).label == "world2"
+    assert pooled.documents() == alone[0].documents() + alone[3].documents()
+    for split, n in (("train", 90), ("valid", 20), ("test", 10)):
+        examples = pooled.examples(split)
+        assert len(examples) == n
+        # example i comes from the (i mod 2)-th world, and each world's share is what that world alone draws
+        assert examples[0::2] == alone[0].examples(split) and examples[1::2] == alone[3].examples(split)
+    held_out = {ex.question for split in ("valid", "test") for ex in pooled.examples(split)}
+    assert not held_out & {ex.question for ex in pooled.examples("train")}
+    corpus = set(pooled.documents())
+    assert all(step in corpus for ex in pooled.examples("train") for step in ex.steps)
+
+
+def test_one_world_in_a_list_is_that_world():
+    for split in ("train", "valid", "test"):
+        assert KnowledgeWorld(world=[2], **SMALL).examples(split) == KnowledgeWorld(world=2, **SMALL).examples(split)
+
+
+@pytest.mark.parametrize("world, message", [([], "one world or a list of distinct worlds, got \\[\\]"),
+                                            ([1, 1], "distinct worlds, got \\[1, 1\\]"),
+                                            ([0, 9], "world must be between 0 and 7, got 9")])
+def test_a_bad_list_of_worlds_is_refused(world, message):
+    with pytest.raises(ValueError, match=message):
+        KnowledgeWorld(world=world, n_entities=40)
+
+
+def test_a_pooled_world_too_small_for_its_share_names_the_world():
+    with pytest.raises(ValueError, match="world 4 has 10 distinct 1-hop questions .*; valid asks for 11;"):
+        KnowledgeWorld(world=[4, 5], n_entities=10, hops=[1, 2], n_valid=44).examples("valid")
+
+
+def test_data_world_writes_a_pooled_corpus(tmp_path, capsys):
+    out = tmp_path / "pooled"
+    dispatch(["data", "world", "--world", "0", "2", "--entities", "40", "-n", "20", "--out", str(out)])
+    assert "wrote 320 documents" in capsys.readouterr().out
+    assert (out / "corpus.txt").read_text().splitlines() == KnowledgeWorld(world=[0, 2], n_entities=40).documents()

@@ -168,13 +168,18 @@ class KnowledgeWorld(Task):
     Per hop count, the distinct questions are shuffled once: valid takes the first ones, test
     the next, and train draws from the rest (repeating questions only once all were used), so
     held-out questions never appear in train and valid does not change with n_train or n_test.
+
+    A list of worlds pools them: their names are disjoint, so their corpora form one corpus
+    without a clash, and each split takes an equal share of its questions from every world
+    (example i from the (i mod W)-th world listed). Training on several worlds gives the
+    reasoner more facts than it can learn by heart, so it has to learn to look them up.
     """
 
     name = "world"
 
     def __init__(
         self,
-        world: int = 0,
+        world: int | list[int] = 0,
         n_entities: int = 500,
         hops: list[int] = [1, 2, 3, 4],  # copied below, so the shared default is never changed
         n_train: int = 20000,
@@ -185,8 +190,10 @@ class KnowledgeWorld(Task):
         """Build the world; each split checks, when first drawn, that the world holds enough questions.
 
         Args:
-            world: which world, 0..7; different worlds have disjoint entity names.
-            n_entities: number of people; each hop count has n_entities * 3**(hops-1) questions.
+            world: which world, 0..7 (different worlds have disjoint entity names), or a list of
+                distinct worlds to pool, each of n_entities people.
+            n_entities: number of people per world; each hop count has n_entities * 3**(hops-1)
+                questions per world.
             hops: hop counts to ask, each in 1..4 and listed once; splits cycle through them.
             n_train: number of train examples (questions repeat when the world has too few).
             n_valid: number of valid examples (distinct, none in train).
@@ -199,7 +206,10 @@ class KnowledgeWorld(Task):
         for arg, value in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
             if value < 1:
                 raise ValueError(f"{arg} must be >= 1, got {value}")
-        self.world = World(WorldConfig(world=world, n_entities=n_entities, seed=seed))
+        ids = [world] if isinstance(world, int) else list(world)
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"world must be one world or a list of distinct worlds, got {world}")
+        self.worlds = [World(WorldConfig(world=w, n_entities=n_entities, seed=seed)) for w in ids]
         self.hops = hops
         self.counts: dict[Split, int] = {"train": n_train, "valid": n_valid, "test": n_test}
         self.seed = seed
@@ -207,11 +217,17 @@ class KnowledgeWorld(Task):
 
     @property
     def label(self) -> str:
-        return f"world{self.world.config.world}"
+        return "world" + "+".join(str(w.config.world) for w in self.worlds)
 
     def documents(self) -> list[str]:
-        """The corpus the retrieval store holds for this world."""
-        return self.world.documents()
+        """The corpus the retrieval store holds: each world's documents, in the order listed."""
+        return [doc for world in self.worlds for doc in world.documents()]
+
+    def _shares(self, split: Split) -> list[dict[Split, dict[int, int]]]:
+        """Per world: how many questions of each hop count each split takes from it."""
+        n = len(self.worlds)
+        per_world = {s: per_hop_counts(count, list(range(n))) for s, count in self.counts.items()}
+        return [{s: per_hop_counts(per_world[s][i], self.hops) for s in self.counts} for i in range(n)]
 
     @staticmethod
     def hops_of(example: Example) -> int:
@@ -234,48 +250,54 @@ class KnowledgeWorld(Task):
         """Raise if `split` cannot be drawn. Checked per split, when it is first built, so that
         `documents()` and the splits that fit stay usable: valid needs its own questions, test
         those after valid's, and train at least one question left over by both."""
-        counts = {s: per_hop_counts(n, self.hops) for s, n in self.counts.items()}
-        for h in self.hops:
-            held_out = counts["valid"][h] + (counts["test"][h] if split != "valid" else 0)
-            needed = held_out + (split == "train" and counts["train"][h] > 0)
-            if needed > self.world.n_questions(h):
-                asked = "valid asks" if split == "valid" else "valid and test ask"
-                more = " and train needs at least one more" if split == "train" else ""
-                raise ValueError(
-                    f"world {self.world.config.world} has {self.world.n_questions(h)} distinct {h}-hop questions "
-                    f"(n_entities={len(self.world.names)}); {asked} for {held_out}{more}; "
-                    f"lower n_valid or n_test, or raise n_entities"
-                )
+        for world, counts in zip(self.worlds, self._shares(split)):
+            for h in self.hops:
+                held_out = counts["valid"][h] + (counts["test"][h] if split != "valid" else 0)
+                needed = held_out + (split == "train" and counts["train"][h] > 0)
+                if needed > world.n_questions(h):
+                    asked = "valid asks" if split == "valid" else "valid and test ask"
+                    more = " and train needs at least one more" if split == "train" else ""
+                    raise ValueError(
+                        f"world {world.config.world} has {world.n_questions(h)} distinct {h}-hop questions "
+                        f"(n_entities={len(world.names)}); {asked} for {held_out}{more}; "
+                        f"lower n_valid or n_test, or raise n_entities"
+                    )
 
     def _generate(self, split: Split) -> list[Example]:
-        counts = {s: per_hop_counts(n, self.hops) for s, n in self.counts.items()}
+        by_world = {i: self._generate_world(world, counts, split)
+                    for i, (world, counts) in enumerate(zip(self.worlds, self._shares(split)))}
+        return round_robin(by_world, list(by_world), self.counts[split])
+
+    def _generate_world(self, world: World, counts: dict[Split, dict[int, int]], split: Split) -> list[Example]:
+        """`split`'s questions from one world, `counts[split][h]` of each hop count h."""
         by_hop = {}
         for h in self.hops:
-            shuffled = self.world.all_questions(h)
-            stable_rng("questions", self.world.config.world, self.seed, h).shuffle(shuffled)
+            shuffled = world.all_questions(h)
+            stable_rng("questions", world.config.world, self.seed, h).shuffle(shuffled)
             n_valid, n_test = counts["valid"][h], counts["test"][h]
             if split == "valid":
                 chosen = shuffled[:n_valid]
             elif split == "test":
                 chosen = shuffled[n_valid:n_valid + n_test]
             else:
-                chosen = self._draw(shuffled[n_valid + n_test:], counts["train"][h], h)
-            by_hop[h] = [self.world.question(start, chain) for start, chain in chosen]
-        return round_robin(by_hop, self.hops, self.counts[split])
+                chosen = self._draw(shuffled[n_valid + n_test:], counts["train"][h], world.config.world, h)
+            by_hop[h] = [world.question(start, chain) for start, chain in chosen]
+        return round_robin(by_hop, self.hops, sum(counts[split].values()))
 
-    def _draw(self, pool: list, n: int, hops: int) -> list:
+    def _draw(self, pool: list, n: int, world: int, hops: int) -> list:
         """`n` items of `pool`: shuffled passes over it, so no item repeats before all were used."""
-        rng = stable_rng("train", self.world.config.world, self.seed, hops)
+        rng = stable_rng("train", world, self.seed, hops)
         out: list = []
         while len(out) < n:
             out.extend(rng.sample(pool, len(pool)))
         return out[:n]
 
 
-def write_world(out_dir: str | Path, world: int = 0, n_entities: int = 500, n_valid: int = 400,
+def write_world(out_dir: str | Path, world: int | list[int] = 0, n_entities: int = 500, n_valid: int = 400,
                 seed: int = 0) -> tuple[Path, Path]:
     """Write a world's corpus (`corpus.txt`, one document per line) and its valid questions
-    (`questions.jsonl`: question, steps, answer) into `out_dir`; returns both paths.
+    (`questions.jsonl`: question, steps, answer) into `out_dir`; returns both paths. A list of
+    worlds writes their pooled corpus and questions (see KnowledgeWorld).
 
     The questions equal the valid split of any KnowledgeWorld with these arguments, whatever its
     n_train and n_test: valid is carved out first.
