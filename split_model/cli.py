@@ -86,6 +86,18 @@ def run_lightning(argv: list[str] | None):
             # The data needs the backbone (to cache its states) and the model the data's format.
             self.datamodule.connect(self.model)
 
+        def before_fit(self) -> None:
+            # Lightning never overwrites a checkpoint a fresh run finds in its folder: it saves
+            # last-v1.ckpt beside it, and a later `--ckpt_path .../last.ckpt` would read the old run.
+            callback = self.trainer.checkpoint_callback
+            dirpath = getattr(callback, "dirpath", None)
+            if (dirpath and getattr(callback, "save_last", False) and self.config[self.subcommand].get("ckpt_path") is None
+                    and (Path(dirpath) / "last.ckpt").is_file() and self.trainer.is_global_zero):
+                print(f"split-model: {Path(dirpath) / 'last.ckpt'} is an earlier run's and is kept; this run starts "
+                      "afresh and saves its last checkpoint under a numbered name (last-v1.ckpt, ...), printed at "
+                      "the end. To continue the earlier run, pass --ckpt_path last; to keep runs apart, give each "
+                      "its own --trainer.default_root_dir.", file=sys.stderr)
+
         def after_fit(self) -> None:
             metrics = self.trainer.callback_metrics
             if "val/accuracy" in metrics and self.trainer.is_global_zero:

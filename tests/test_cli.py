@@ -347,3 +347,17 @@ def test_rl_fine_tunes_a_fitted_checkpoint_from_the_command_line(fitted_cli, tin
     kept = [k for k in start if k.startswith("reasoner.") and not k.startswith("reasoner.feedback.")]
     assert kept and all(torch.equal(now[k], start[k]) for k in kept)  # feedback_only: the rest is the checkpoint's
     assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_second_fresh_fit_in_the_same_folder_says_the_earlier_checkpoint_is_kept(tiny, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tiny.repo)
+    monkeypatch.setattr(sys, "argv", ["split-model"])
+    dispatch(fit_args(tmp_path, "--trainer.max_steps", "2"))
+    first = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    assert "is an earlier run's" not in capfd.readouterr().err
+    dispatch(fit_args(tmp_path, "--trainer.max_steps", "2", "--seed_everything", "1"))
+    out, err = capfd.readouterr()
+    assert f"{tmp_path / 'checkpoints' / 'last.ckpt'} is an earlier run's and is kept" in err
+    assert "pass --ckpt_path last" in err
+    assert f"checkpoint: {tmp_path / 'checkpoints' / 'last-v1.ckpt'}" in out  # where this run's went
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == first
