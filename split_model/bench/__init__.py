@@ -116,6 +116,10 @@ def bench_main(argv: list[str]) -> dict:
                         "scaling: the one task to scale (default gym_gcd)")
     p.add_argument("--variants", default=None, help="suite: comma-separated variants of all, none, last, cot, latent0 (no latent steps), "
                         "smollm2 (SmolLM2-135M as the memory); default all, none, last, cot")
+    p.add_argument("--resume", action="store_true",
+                   help="retrieval-hops: keep the variants' run folders and continue each training from its "
+                        "last.ckpt, so a bench that was stopped goes on where it stopped (train_seconds then "
+                        "count this run's part only)")
     p.add_argument("--widths", default=None, help="scaling: comma-separated reasoner widths d_model (default 64,128,256)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:

@@ -72,12 +72,25 @@ def read_questions(task) -> None:
         cache.get([e.question for e in task.examples(split)], desc=f"{task.label}/{split} questions")
 
 
+def start_or_resume(root: Path, resume: bool) -> tuple[list[str], int]:
+    """A variant's run folder made ready: emptied for a fresh run, or, with `resume` and a
+    last.ckpt there, kept. Returns the fit arguments that continue from that checkpoint
+    (none for a fresh run) and the optimizer step it holds (0 for a fresh run)."""
+    ckpt = root / "checkpoints" / "last.ckpt"
+    if resume and ckpt.is_file():
+        step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+        return [f"--ckpt_path={ckpt}"], int(step)
+    shutil.rmtree(root, ignore_errors=True)  # a fresh run: last.ckpt must be this run's
+    return [], 0
+
+
 def fit(argv: list[str], log_file: Path) -> float:
-    """`split-model fit` in a child process on one thread; returns its wall time."""
+    """`split-model fit` in a child process on one thread; returns its wall time. The log is
+    appended to, so a resumed run keeps the earlier part's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(log_file, "w") as out:
+    with open(log_file, "a") as out:
         done = subprocess.run([sys.executable, "-m", "split_model.cli", *argv], env=env, stdout=out,
                               stderr=subprocess.STDOUT)
     if done.returncode:
@@ -137,15 +150,15 @@ def run(args) -> dict:
         size += ["--data.task.init_args.n_train=200", "--data.task.init_args.n_valid=40",
                  "--data.task.init_args.n_test=40", "--data.batch_size=16"]
     out: dict = {"variants": {}, "seen_world": {}, "train_seconds": {}, "commands": {}}
-    commands = {}
+    commands, out["resumed_from_step"] = {}, {}
     for name, extra in VARIANTS.items():
         root = runs / name
-        shutil.rmtree(root, ignore_errors=True)  # a fresh run: last.ckpt must be this run's
+        resume, out["resumed_from_step"][name] = start_or_resume(root, args.resume)
         store = [] if name == "no_retrieval" else [f"--model.store={stores[0]}"]
         commands[name] = ["fit", "--config", str(CONFIG), *size, *store, *extra, f"--trainer.max_steps={steps}",
                           f"--trainer.val_check_interval={steps}", f"--trainer.default_root_dir={root}",
                           f"--trainer.logger.init_args.save_dir={root}", "--trainer.accelerator=cpu",
-                          "--trainer.enable_progress_bar=false"]
+                          "--trainer.enable_progress_bar=false", *resume]
         out["commands"][name] = "split-model " + " ".join(commands[name])
         log(f"{name}: {out['commands'][name]}")
     with ThreadPoolExecutor(WORKERS) as pool:  # the children do the work; threads only wait
