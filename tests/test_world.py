@@ -11,7 +11,7 @@ import pytest
 
 from split_model.cli import dispatch
 from split_model.tasks import CITIES, TASKS, Example, KnowledgeWorld, World, WorldConfig, chance_accuracy, get_task
-from split_model.tasks.world import N_WORLDS, name_pool
+from split_model.tasks.world import MISS_KINDS, N_WORLDS, miss_kind, name_pool, parse_fact
 
 RELATIONS = ("boss", "friend", "neighbour")
 SMALL = dict(n_entities=40, n_train=200, n_valid=40, n_test=40)
@@ -227,3 +227,24 @@ def test_data_world_writes_a_pooled_corpus(tmp_path, capsys):
     dispatch(["data", "world", "--world", "0", "2", "--entities", "40", "-n", "20", "--out", str(out)])
     assert "wrote 320 documents" in capsys.readouterr().out
     assert (out / "corpus.txt").read_text().splitlines() == KnowledgeWorld(world=[0, 2], n_entities=40).documents()
+
+
+def test_a_missed_search_is_told_apart_by_what_it_returned_instead():
+    world = World(WorldConfig(world=0, n_entities=40))
+    boss, friend = world.targets["boss"], world.targets["friend"]
+    p = next(i for i in range(40) if friend[i] != boss[i])
+    wanted = world.relation_fact("boss", p)
+    assert parse_fact(wanted) == ("boss", world.names[p], world.names[boss[p]])
+    assert parse_fact(world.city_fact(p)) == ("lives in", world.names[p], world.city[p])
+    assert parse_fact("Where does Tavor live?") is None
+    before = "The friend of Sora is " + world.names[p] + "."
+    assert miss_kind(wanted, before, previous=before) == "the previous hop's fact"
+    assert miss_kind(wanted, world.relation_fact("friend", p)) == "same person, other relation"
+    assert miss_kind(wanted, world.city_fact(p)) == "same person, other relation"
+    assert miss_kind(wanted, before) == "the person as the object"
+    near = world.names[p][:-1] + ("a" if world.names[p][-1] != "a" else "e")
+    assert miss_kind(wanted, f"The boss of {near} is Kilu.") == "same relation, a name at most 2 letters off"
+    assert miss_kind(wanted, "The boss of Zzzzzzzz is Kilu.") == "same relation, another person"
+    assert miss_kind(wanted, "The neighbour of Zzzzzzzz is Kilu.") == "other"
+    assert miss_kind(wanted, "") == "other"  # nothing fetched
+    assert set(MISS_KINDS) >= {miss_kind(wanted, world.relation_fact("friend", q)) for q in range(40)}

@@ -21,6 +21,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from split_model.bench import log
@@ -98,20 +99,73 @@ def fit(argv: list[str], log_file: Path) -> float:
     return round(time.time() - start, 1)
 
 
-def score_by_hops(module, task, split: str = "valid", batch_size: int = 100) -> dict[str, float]:
-    """Accuracy of the module's generated answers on `task`'s split, by hop count."""
+class RecordingStore:
+    """A store that keeps the ids of every search it answers, in call order; all else is the
+    wrapped store's."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.searches: list[np.ndarray] = []  # per search: (B, k) ids, -1 where none
+
+    def search(self, queries, k, exclude=None):
+        scores, ids = self._store.search(queries, k, exclude)
+        self.searches.append(ids.copy())
+        return scores, ids
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def score_by_hops(module, task, split: str = "valid", batch_size: int = 100,
+                  misses: dict | None = None) -> dict[str, float]:
+    """Accuracy of the module's generated answers on `task`'s split, by hop count.
+
+    misses: a dict to fill, for a retrieving module, with the search's story of each hop h:
+    of the questions whose earlier hops all found their fact, how many found hop h's among
+    the k fetched chunks, and, where not, what the top chunk was instead (MISS_KINDS).
+    Generation runs one step per search, so search t of a batch is latent step t."""
+    from split_model.tasks.world import MISS_KINDS, miss_kind
+
     examples = task.examples(split)
     fmt = module.formatter
     right, total = defaultdict(float), defaultdict(int)
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i : i + batch_size]
-        answers = module.generate([e.question for e in batch], n_latent=fmt.default_latent,
-                                  max_new_tokens=(fmt.max_target or 8) + 2)
-        for e, a in zip(batch, answers):
-            hops = str(len(e.steps))
-            right[hops] += task.score(a, e)
-            total[hops] += 1
+    store = module.store
+    recording = misses is not None and store is not None
+    if recording:
+        module.store = RecordingStore(store)
+        for h in range(1, max(len(e.steps) for e in examples) + 1):
+            misses[str(h)] = {"reached": 0, "found": 0, **{kind: 0 for kind in MISS_KINDS}}
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i : i + batch_size]
+            if recording:
+                module.store.searches.clear()
+            answers = module.generate([e.question for e in batch], n_latent=fmt.default_latent,
+                                      max_new_tokens=(fmt.max_target or 8) + 2)
+            for row, (e, a) in enumerate(zip(batch, answers)):
+                hops = str(len(e.steps))
+                right[hops] += task.score(a, e)
+                total[hops] += 1
+                if recording:
+                    _follow_hops(module.store, row, e.steps, misses, miss_kind)
+    finally:
+        module.store = store
     return {h: round(right[h] / total[h], 4) for h in sorted(total)}
+
+
+def _follow_hops(store: RecordingStore, row: int, steps: tuple[str, ...], misses: dict, miss_kind) -> None:
+    """Count one question into `misses`, hop by hop, up to its first miss."""
+    for h, wanted in enumerate(steps):
+        if h >= len(store.searches):  # fewer latent steps than hops: the later hops are never searched
+            return
+        fetched = [store.text(int(j)) for j in store.searches[h][row] if j >= 0]
+        counts = misses[str(h + 1)]
+        counts["reached"] += 1
+        if wanted in fetched:
+            counts["found"] += 1
+            continue
+        counts[miss_kind(wanted, fetched[0] if fetched else "", steps[h - 1] if h else None)] += 1
+        return
 
 
 def run(args) -> dict:
@@ -149,7 +203,7 @@ def run(args) -> dict:
     if args.quick:
         size += ["--data.task.init_args.n_train=200", "--data.task.init_args.n_valid=40",
                  "--data.task.init_args.n_test=40", "--data.batch_size=16"]
-    out: dict = {"variants": {}, "seen_world": {}, "train_seconds": {}, "commands": {}}
+    out: dict = {"variants": {}, "seen_world": {}, "unseen_search": {}, "train_seconds": {}, "commands": {}}
     commands, out["resumed_from_step"] = {}, {}
     for name, extra in VARIANTS.items():
         root = runs / name
@@ -169,8 +223,12 @@ def run(args) -> dict:
         for store, task, key in ((stores[1], unseen, "variants"), (stores[0], seen, "seen_world")):
             module = load_checkpoint(str(ckpt), memory=memory, store=None if name == "no_retrieval" else str(store))
             module.task = task
-            out[key][name] = score_by_hops(module, task)
+            misses = {} if key == "variants" and name != "no_retrieval" else None
+            out[key][name] = score_by_hops(module, task, misses=misses)
             log(f"{name} on {task.label}: {out[key][name]}")
+            if misses:
+                out["unseen_search"][name] = misses
+                log(f"{name}'s searches on {task.label}, by hop: {misses}")
     chunks = {w: json.loads((path / "manifest.json").read_text())["num_chunks"] for w, path in stores.items()}  # as stored
     return {**out, "corpus_chunks": chunks[1], "corpus_chunks_train_world": chunks[0], "world": "unseen",
             "train_worlds": worlds, "unseen_world": UNSEEN_WORLD, "n_train": n_train,

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,51 @@ _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "n", "r", "l", "s")
 # Words of the templates: a name equal to one would make a question ambiguous.
 _TEMPLATE_WORDS = frozenset({"where", "does", "the", "of", "is", "lives", "live", "in"})
+
+
+_RELATION_FACT = re.compile(r"The (\w+) of (\w+) is (\w+)\.")
+_CITY_FACT = re.compile(r"(\w+) lives in (\w+)\.")
+# Why a search returned `fetched` where it should have returned `wanted` (see miss_kind).
+MISS_KINDS = ("the previous hop's fact", "same person, other relation", "the person as the object",
+              "same relation, a name at most 2 letters off", "same relation, another person", "other")
+
+
+def parse_fact(text: str) -> tuple[str, str, str] | None:
+    """(relation, subject, object) of a world document: ("boss", "Tavor", "Milen") for "The boss
+    of Tavor is Milen.", ("lives in", "Milen", "Rome") for "Milen lives in Rome."; None for any
+    other text."""
+    if m := _RELATION_FACT.fullmatch(text):
+        return m[1], m[2], m[3]
+    if m := _CITY_FACT.fullmatch(text):
+        return "lives in", m[1], m[2]
+    return None
+
+
+def _letters_off(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions) between two short names."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def miss_kind(wanted: str, fetched: str, previous: str | None = None) -> str:
+    """Which of MISS_KINDS a search's top chunk `fetched` is, when the hop needed the document
+    `wanted` (hop h's fact about person P); `previous`: the fact the hop before used."""
+    if fetched == previous:
+        return MISS_KINDS[0]
+    want, got = parse_fact(wanted), parse_fact(fetched)
+    if want is None or got is None:
+        return MISS_KINDS[5]
+    if got[1] == want[1]:
+        return MISS_KINDS[1]
+    if got[2] == want[1]:
+        return MISS_KINDS[2]
+    if got[0] == want[0]:
+        return MISS_KINDS[3] if _letters_off(got[1].lower(), want[1].lower()) <= 2 else MISS_KINDS[4]
+    return MISS_KINDS[5]
 
 
 def stable_rng(*key: object) -> random.Random:
