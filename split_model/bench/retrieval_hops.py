@@ -2,9 +2,10 @@
 
 Trains configs/world.yaml on its world (or its worlds, pooled into one store) in three
 variants (retrieval with feedback all, retrieval with feedback none, no retrieval), then
-scores each on world 1, whose entities all have new names, by swapping the store only. Accuracy by hop count (1-4). Without
-retrieval the facts are nowhere the model can read, so it is near chance (the share of the
-most common city). The config queries from the previous step and quotes what it fetched
+scores each on world 1, whose entities all have new names, by swapping the store only.
+Accuracy by hop count (1-4), and for the retrieving variants where each hop's search went
+wrong (`unseen_search`). Without retrieval the facts are nowhere the model can read, so it
+is near chance (the share of the most common city). The config queries from the previous step and quotes what it fetched
 (retrieval_query: previous, retrieval_quote: true), a recurrence through the store of its
 own, so with feedback none what hop 1 fetched still shapes hop 2's query.
 """
