@@ -234,8 +234,7 @@ def data_main(argv: list[str]) -> None:
     if args.kind == "world":
         if args.compare is not None or args.vocabulary is not None:
             p.error("--compare and --vocabulary apply to prosqa only")
-        world = args.world if args.world is None or len(args.world) > 1 else args.world[0]
-        given = {"world": world, "n_entities": args.entities, "n_valid": args.n}
+        given = {"world": args.world, "n_entities": args.entities, "n_valid": args.n}  # a one-world list is that world
         corpus, questions = write_world(args.out, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
         n_docs, n_questions = (len(path.read_text().splitlines()) for path in (corpus, questions))
         print(f"wrote {n_docs} documents to {corpus} and {n_questions} valid questions to {questions}")

@@ -7,7 +7,7 @@ import torch
 import numpy as np
 
 from split_model.bench.retrieval_hops import RecordingStore, _follow_hops, start_or_resume
-from split_model.tasks.world import MISS_KINDS, miss_kind
+from split_model.tasks.world import MISS_KINDS
 
 
 def test_a_fresh_run_empties_the_folder_and_a_resumed_one_continues_from_last_ckpt(tmp_path):
@@ -48,8 +48,8 @@ def test_each_question_is_followed_hop_by_hop_up_to_its_first_miss():
     for _ in searches:
         store.search(None, 2)
     misses = {str(h): {"reached": 0, "found": 0, **{kind: 0 for kind in MISS_KINDS}} for h in (1, 2, 3)}
-    _follow_hops(store, 0, (texts[0], texts[1]), misses, miss_kind)
-    _follow_hops(store, 1, (texts[0], texts[1], texts[4]), misses, miss_kind)
+    _follow_hops(store, 0, (texts[0], texts[1]), misses)
+    _follow_hops(store, 1, (texts[0], texts[1], texts[4]), misses)
     assert misses["1"]["reached"] == 2 and misses["1"]["found"] == 2
     assert misses["2"]["reached"] == 2 and misses["2"]["found"] == 1
     assert misses["2"]["same relation, another person"] == 1  # "Sora lives in Oslo." for Milen's city

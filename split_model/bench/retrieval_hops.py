@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from split_model.bench import log
+from split_model.tasks.world import MISS_KINDS, miss_kind
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "retrieval-hops"
@@ -125,8 +126,6 @@ def score_by_hops(module, task, split: str = "valid", batch_size: int = 100,
     of the questions whose earlier hops all found their fact, how many found hop h's among
     the k fetched chunks, and, where not, what the top chunk was instead (MISS_KINDS).
     Generation runs one step per search, so search t of a batch is latent step t."""
-    from split_model.tasks.world import MISS_KINDS, miss_kind
-
     examples = task.examples(split)
     fmt = module.formatter
     right, total = defaultdict(float), defaultdict(int)
@@ -148,13 +147,13 @@ def score_by_hops(module, task, split: str = "valid", batch_size: int = 100,
                 right[hops] += task.score(a, e)
                 total[hops] += 1
                 if recording:
-                    _follow_hops(module.store, row, e.steps, misses, miss_kind)
+                    _follow_hops(module.store, row, e.steps, misses)
     finally:
         module.store = store
     return {h: round(right[h] / total[h], 4) for h in sorted(total)}
 
 
-def _follow_hops(store: RecordingStore, row: int, steps: tuple[str, ...], misses: dict, miss_kind) -> None:
+def _follow_hops(store: RecordingStore, row: int, steps: tuple[str, ...], misses: dict) -> None:
     """Count one question into `misses`, hop by hop, up to its first miss."""
     for h, wanted in enumerate(steps):
         if h >= len(store.searches):  # fewer latent steps than hops: the later hops are never searched
@@ -186,16 +185,16 @@ def run(args) -> dict:
     # 0.84 and world 1's at 0.37. A list of worlds (`world: [0, 2, 3, 4]`) is pooled into one
     # training store; world 1 stays unseen.
     spec = config_task()
-    worlds = spec["world"] if isinstance(spec["world"], list) else [spec["world"]]
-    if UNSEEN_WORLD in worlds:
-        raise ValueError(f"configs/world.yaml trains on world {UNSEEN_WORLD}, which the bench keeps unseen")
     n_entities = 60 if args.quick else int(spec["n_entities"])
     n_train = 200 if args.quick else int(spec["n_train"])
+    held_out = {"n_valid": 40, "n_test": 40} if args.quick else {"n_valid": 400, "n_test": 400}
+    seen = KnowledgeWorld(world=spec["world"], n_entities=n_entities, n_train=n_train, **held_out)
+    worlds = [w.config.world for w in seen.worlds]
+    if UNSEEN_WORLD in worlds:
+        raise ValueError(f"configs/world.yaml trains on world {UNSEEN_WORLD}, which the bench keeps unseen")
+    unseen = KnowledgeWorld(world=UNSEEN_WORLD, n_entities=n_entities, n_train=200, **held_out)
     runs = RUNS / ("quick" if args.quick else "full")
     memory = HFMemory(name="minilm-l6")
-    held_out = {"n_valid": 40, "n_test": 40} if args.quick else {"n_valid": 400, "n_test": 400}
-    unseen = KnowledgeWorld(world=UNSEEN_WORLD, n_entities=n_entities, n_train=200, **held_out)
-    seen = KnowledgeWorld(world=worlds, n_entities=n_entities, n_train=n_train, **held_out)
     with ThreadPoolExecutor(2) as pool:  # one thread each (torch ops release the GIL): corpora and questions
         questions = pool.submit(read_questions, seen)
         stores = {0: build_store(worlds, n_entities, memory, runs),  # the training worlds'
