@@ -93,6 +93,11 @@ def test_resampled_latent_count_keeps_every_later_position():
     assert out["labels"][:, 3:].tolist() == batch["labels"][:, 2:].tolist() and (out["labels"][:, :3] == IGNORE).all()
     assert out["n_latent"].tolist() == [3, 3]
     assert resample_latent(batch, 2, 0, pad_id=0)["tokens"].tolist() == [[5, 6], [7, 8]]
+    sets = torch.full((2, 4, 2), IGNORE)
+    sets[:, 2] = torch.tensor([4, 5])  # label sets (step_token="set") move with their positions
+    out = resample_latent({**batch, "label_sets": sets}, 2, 3, pad_id=0)
+    assert out["label_sets"].shape == (2, 5, 2) and torch.equal(out["label_sets"][:, 3:], sets[:, 2:])
+    assert (out["label_sets"][:, :3] == IGNORE).all()
 
 
 def test_curriculum_moves_through_its_stages(tiny, tmp_path):

@@ -61,6 +61,26 @@ def test_collate_equals_padding_item_by_item(tiny, tmp_path, steps, latent_steps
     assert list(got["examples"]) == [e for d in splits for e in d.examples[:6]]
 
 
+def test_label_sets_of_different_widths_pad_with_ignore():
+    from split_model.memory import ByteTokenizer
+    from split_model.tasks import Example
+    from split_model.training.format import Formatter
+
+    f = Formatter(ByteTokenizer(), steps="latent", step_token="set")
+    wide = [Example("q", ("a b c", "a b c d"), "x")]
+    narrow = [Example("q", ("z",), "y")]
+    steps = [data_module._step_tensors([f.encode(e) for e in exs])[0] for exs in (wide, narrow)]
+    assert [s.shape for s in steps] == [(2 + 2, 4 + 4), (1 + 2, 4 + 1)]  # each split as wide as its largest set
+    items = [data_module.Item(torch.zeros(1, 2, 3), s, n, e) for s, n, e in zip(steps, (2, 1), (*wide, *narrow))]
+    got = collate(items)
+    a, b, c, d, z = (ord(ch) for ch in "abcdz")
+    assert got["label_sets"].tolist() == [
+        [[a, b, c, IGNORE], [a, b, c, d], *[[IGNORE] * 4] * 2],  # latent, latent, bos, answer
+        [[z, IGNORE, IGNORE, IGNORE], *[[IGNORE] * 4] * 3],  # the last position is padding
+    ]
+    assert got["labels"][:, :2].tolist() == [[IGNORE, IGNORE], [IGNORE, ord("y")]]
+
+
 # -- the trainer's device -------------------------------------------------------------------------
 def fake_trainer(device: str, world_size: int = 1) -> SimpleNamespace:
     """What the data module reads of a trainer: its device, world size and stage."""

@@ -65,8 +65,25 @@ def test_fixed_steps_gives_every_chain_one_count_and_repeats_where_it_arrived():
         Formatter(TOK, steps="none", fixed_steps=4)
 
 
+def test_set_steps_label_each_latent_step_with_the_first_token_of_every_word():
+    f = Formatter(TOK, steps="latent", step_token="set", fixed_steps=3, latent_steps=1)
+    ex = Example(question="q", steps=("terpus dumpus", "terpus dumpus brimpus"), answer="Tom is a dumpus.")
+    seq = f.encode(ex)
+    t, d, b = (TOK.encode(w)[0] for w in ("t", "d", "b"))  # a word's first byte, not the space before it
+    assert seq.n_latent == 4 and seq.latent == [True] * 4 + [False] * (len(ex.answer) + 1)
+    # Set positions carry no single label; the extra unlabelled step and the answer carry no set.
+    assert seq.labels == [IGNORE] * 4 + TOK.encode(ex.answer) + [TOK.eos_id]
+    assert seq.label_sets == [(), tuple(sorted({t, d})), tuple(sorted({t, d, b})), tuple(sorted({t, d, b}))] + \
+        [()] * (len(ex.answer) + 1)  # the chain's last set held to fixed_steps
+    twice = f.encode(Example(question="q", steps=("tom terpus",), answer="x")).label_sets
+    assert twice[1:4] == [(t,)] * 3  # words with one first token: one member
+    assert Formatter(TOK, steps="latent").encode(Example("q", ("a",), "7")).label_sets is None  # no sets: nothing stored
+    with pytest.raises(ValueError, match="step ' ' has none"):
+        Formatter(TOK, steps="latent", step_token="set").encode(Example("q", (" ",), "7"))
+
+
 @pytest.mark.parametrize("kwargs, message", [({"steps": "cot"}, "text, latent, none"), ({"latent_steps": -1}, ">= 0"),
-                                             ({"step_token": "last"}, "whole or first")])
+                                             ({"step_token": "last"}, "whole, first or set")])
 def test_bad_format_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Formatter(TOK, **kwargs)

@@ -328,8 +328,37 @@ def test_steps_as_nodes_keeps_the_node_each_hop_reaches(tmp_path: Path) -> None:
     for ex, item in zip(generated, generate_prosqa(4, 2)):
         assert ex.steps == tuple(s.rstrip(".").split()[-1] for s in item["steps"])
         assert ex.steps[-1] == item["idx_to_symbol"][item["target"]]  # the last hop reaches the answer
-    with pytest.raises(ValueError, match="steps_as must be text or nodes"):
+    with pytest.raises(ValueError, match="steps_as must be text, nodes or reached"):
         ProntoQA(steps_as="words")
+
+
+def test_steps_as_reached_lists_every_node_within_k_hops_until_the_search_ends(tmp_path: Path) -> None:
+    # Tom(0) -> terpus(2), Tom -> dumpus(3), terpus -> brimpus(4), brimpus -> lempus(5); Alex(1) -> gorpus(6)
+    item = {"question": "q", "steps": ["Tom is a terpus.", "Every terpus is a brimpus."], "answer": "Tom is a brimpus.",
+            "idx_to_symbol": ["Tom", "Alex", "terpus", "dumpus", "brimpus", "lempus", "gorpus"],
+            "edges": [[4, 5], [0, 2], [1, 6], [2, 4], [0, 3]], "root": 0, "target": 4, "neg_target": 6}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([item]))
+    reached = ProsQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
+    # Three hops, one more than the chain: the search goes on until nothing new is reached.
+    assert reached == Example("q", ("terpus dumpus", "terpus dumpus brimpus", "terpus dumpus brimpus lempus"),
+                              "Tom is a brimpus.")
+    for ex, gen in zip(ProsQA(n_generated=20, seed=3, steps_as="reached").examples("train"), generate_prosqa(20, 3)):
+        names = gen["idx_to_symbol"]
+        assert len(ex.steps) >= len(gen["steps"])
+        assert ex.steps[0].split() == [names[b] for a, b in sorted(gen["edges"], key=lambda e: e[1]) if a == gen["root"]]
+        for k, step in enumerate(ex.steps):
+            assert names[gen["neg_target"]] not in step.split()  # the other option is never reached
+            assert (names[gen["target"]] in step.split()) == (k + 1 >= len(gen["steps"]))
+            assert k == 0 or set(ex.steps[k - 1].split()) < set(step.split())  # each hop reaches something new
+    no_graph = tmp_path / "pronto.json"
+    no_graph.write_text(json.dumps([{"question": "q", "steps": ["a."], "answer": "True"}]))
+    with pytest.raises(ValueError, match=r"pronto\.json, item 0: steps_as='reached' needs ProsQA's graph.*edges"):
+        ProntoQA(valid_path=str(no_graph), steps_as="reached").examples("valid")
+    leaf_root = tmp_path / "leaf.json"
+    leaf_root.write_text(json.dumps([{**item, "root": 5}]))
+    with pytest.raises(ValueError, match="the root has no fact"):
+        ProsQA(valid_path=str(leaf_root), steps_as="reached").examples("valid")
 
 
 # ---------------------------------------------------------------------------

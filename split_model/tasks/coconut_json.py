@@ -45,24 +45,34 @@ def _item_to_example(item: Any) -> Example:
     return Example(question=question, steps=tuple(steps), answer=answer)
 
 
-def read_coconut_json(path: Path) -> list[Example]:
-    """Parse a Coconut JSON list file; errors name the file and the item index."""
+def read_coconut_items(path: Path) -> list[Any]:
+    """The items of a Coconut JSON list file, as stored (ValueError naming the file otherwise)."""
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of examples, got {type(items).__name__}")
+    return items
+
+
+def read_coconut_json(path: Path) -> list[Example]:
+    """Parse a Coconut JSON list file; errors name the file and the item index."""
+    return _examples(read_coconut_items(path), str(path), lambda example, item: example)
+
+
+def _examples(items: list[Any], source: str, view) -> list[Example]:
+    """`view(example, item)` of every item; errors name `source` and the item index."""
     examples = []
     for index, item in enumerate(items):
         try:
-            examples.append(_item_to_example(item))
+            examples.append(view(_item_to_example(item), item))
         except ValueError as err:
-            raise ValueError(f"{path}, item {index}: {err}") from None
+            raise ValueError(f"{source}, item {index}: {err}") from None
     return examples
 
 
-StepsAs = Literal["text", "nodes"]
+StepsAs = Literal["text", "nodes", "reached"]
 
 
 def step_node(step: str) -> str:
@@ -74,6 +84,30 @@ def step_node(step: str) -> str:
     if not words:
         raise ValueError(f"a reasoning step has no words: {step!r}")
     return words[-1]
+
+
+def reached_steps(item: dict[str, Any]) -> tuple[str, ...]:
+    """One step per hop of a breadth-first search from the root over ProsQA's graph, until
+    nothing new is reached: after hop k, the names of every node within k edges of the root,
+    in the order of `idx_to_symbol`, space-separated. The answer is in the step of its chain's
+    length and every later one; the other option is in none. Nothing in a step depends on
+    which of the root's facts lies on the answer's path, which a hop read forward cannot know.
+
+    Root Tom with facts Tom -> terpus, Tom -> dumpus, terpus -> brimpus: ("terpus dumpus",
+    "terpus dumpus brimpus") (names in index order)."""
+    missing = [key for key in ("edges", "root", "idx_to_symbol") if key not in item]
+    if missing:
+        raise ValueError(f"steps_as='reached' needs ProsQA's graph, but the item has no {', '.join(missing)}")
+    try:
+        symbols = [str(s) for s in item["idx_to_symbol"]]
+        dist = reachable([(int(a), int(b)) for a, b in item["edges"]], int(item["root"]))
+        hops = max(dist.values())
+        steps = tuple(" ".join(symbols[n] for n in sorted(dist) if 1 <= dist[n] <= k) for k in range(1, hops + 1))
+    except (TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"steps_as='reached': the item's graph is malformed ({err})") from None
+    if not steps:
+        raise ValueError("steps_as='reached': the root has no fact in the item's graph")
+    return steps
 
 
 class CoconutJSON(FileTask):
@@ -94,23 +128,29 @@ class CoconutJSON(FileTask):
             valid_path: JSON file with the valid split.
             test_path: JSON file with the test split.
             max_examples: keep only the first this many examples of each split (None: all).
-            steps_as: what an example's reasoning steps are: "text", the written sentences; or
+            steps_as: what an example's reasoning steps are: "text", the written sentences;
                 "nodes", the node each step arrives at ("brimpus"; see `step_node`), which
                 labels one latent step per hop with `data.steps: latent` and
-                `data.step_token: first`.
+                `data.step_token: first`; or "reached" (items with ProsQA's graph), every node
+                within k hops of the root after hop k, until nothing new is reached (see
+                `reached_steps`), which labels each latent step with a set of nodes with
+                `data.step_token: set`.
         """
         super().__init__(train_path, valid_path, test_path, max_examples)
-        if steps_as not in ("text", "nodes"):
-            raise ValueError(f"steps_as must be text or nodes, got {steps_as!r}")
+        if steps_as not in ("text", "nodes", "reached"):
+            raise ValueError(f"steps_as must be text, nodes or reached, got {steps_as!r}")
         self.steps_as = steps_as
 
     def parse_file(self, path: Path) -> list[Example]:
-        return self._steps_view(read_coconut_json(path))
+        return _examples(read_coconut_items(path), str(path), self._steps_view)
 
-    def _steps_view(self, examples: list[Example]) -> list[Example]:
-        if self.steps_as == "text":
-            return examples
-        return [Example(e.question, tuple(step_node(s) for s in e.steps), e.answer) for e in examples]
+    def _steps_view(self, example: Example, item: dict[str, Any]) -> Example:
+        """The example with its steps as `steps_as` asks (`item`: its stored JSON object)."""
+        if self.steps_as == "nodes":
+            return Example(example.question, tuple(step_node(s) for s in example.steps), example.answer)
+        if self.steps_as == "reached":
+            return Example(example.question, reached_steps(item), example.answer)
+        return example
 
 
 class ProntoQA(CoconutJSON):
@@ -147,8 +187,9 @@ class ProsQA(CoconutJSON):
             vocabulary_path: a ProsQA JSON file whose person and concept names the generator
                 uses (e.g. the valid split: the public files share one small vocabulary);
                 None: the built-in lists. See `prosqa_vocabulary`.
-            steps_as: the reasoning steps as written ("text") or as the nodes they reach
-                ("nodes"), as for every Coconut JSON task.
+            steps_as: the reasoning steps as written ("text"), as the nodes they reach
+                ("nodes") or as the nodes reached so far ("reached"), as for every Coconut JSON
+                task.
         """
         super().__init__(train_path, valid_path, test_path, max_examples, steps_as)
         if n_generated < 1:
@@ -162,8 +203,8 @@ class ProsQA(CoconutJSON):
             return super()._load_split(split)
         config = ProsQAGenConfig(**prosqa_vocabulary(self.vocabulary_path)) if self.vocabulary_path else None
         items = generate_prosqa(self.n_generated, seed=self.seed, config=config)
-        examples = self._steps_view([_item_to_example(item) for item in items])[: self.max_examples]
         source = f"generated with n_generated={self.n_generated}, seed={self.seed}, vocabulary_path={self.vocabulary_path}"
+        examples = _examples(items, source, self._steps_view)[: self.max_examples]
         return require_examples(examples, self.name, split, source)
 
 

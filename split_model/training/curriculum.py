@@ -83,6 +83,9 @@ def resample_latent(batch: dict, old: int, new: int, pad_id: int) -> dict:
     out = dict(batch)
     for key, value in (("tokens", pad_id), ("latent", True), ("labels", IGNORE), ("answer_mask", False)):
         out[key] = torch.cat([lead(value, batch[key]), batch[key][:, old:]], dim=1)
+    if "label_sets" in batch:
+        sets = batch["label_sets"]
+        out["label_sets"] = torch.cat([sets.new_full((b, new, sets.shape[2]), IGNORE), sets[:, old:]], dim=1)
     out["n_latent"] = batch["n_latent"] + (new - old)
     return out
 

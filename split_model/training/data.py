@@ -38,7 +38,7 @@ class Item(NamedTuple):
     """One example as the loader hands it to `collate`."""
 
     states: torch.Tensor  # (N, S, D) float32 memory states
-    steps: torch.Tensor  # (T, 4) int64 per position: token, latent, label, answer
+    steps: torch.Tensor  # (T, 4 + W) int64 per position: token, latent, label, answer, then W set labels
     n_latent: int
     example: Example
 
@@ -66,22 +66,39 @@ class TaskDataset(Dataset):
 
 
 def _step_tensors(sequences: list[Sequence]) -> tuple[torch.Tensor, ...]:
-    """A (T_i, 4) int64 tensor per sequence, views of one block: built once, not on every batch."""
-    flat = [p for s in sequences for p in zip(s.tokens, s.latent, s.labels, s.answer)]
-    block = torch.tensor(flat, dtype=torch.long).reshape(-1, 4)  # (sum T_i, 4)
+    """A (T_i, 4 + W) int64 tensor per sequence, views of one block: built once, not on every
+    batch. W is the largest label set of any position (0 without step_token="set"); a position's
+    set fills its first columns, IGNORE the rest."""
+    width = max((len(t) for s in sequences if s.label_sets for t in s.label_sets), default=0)
+    flat = [[*p, *t, *[IGNORE] * (width - len(t))]
+            for s in sequences for p, t in zip(zip(s.tokens, s.latent, s.labels, s.answer),
+                                               s.label_sets or [()] * len(s.tokens))]
+    block = torch.tensor(flat, dtype=torch.long).reshape(-1, 4 + width)  # (sum T_i, 4 + W)
     return torch.split(block, [len(s.tokens) for s in sequences])
 
 
 def collate(items: list[Item]) -> dict:
-    """Right-pads memory states (B, N, S, D) and step sequences (B, T)."""
+    """Right-pads memory states (B, N, S, D) and step sequences (B, T); with label sets, also
+    `label_sets` (B, T, W), IGNORE where a position has fewer or none."""
     mem, mem_mask = _pad([it.states for it in items])  # (B, N, S, D), (B, N)
-    steps, real = _pad([it.steps for it in items])  # (B, T, 4), (B, T)
-    tokens, latent, labels, answer = steps.permute(2, 0, 1).contiguous()  # 4 x (B, T)
-    return {
+    width = max(it.steps.shape[1] for it in items)
+    steps, real = _pad([_widen(it.steps, width) for it in items])  # (B, T, 4 + W), (B, T)
+    tokens, latent, labels, answer = steps[..., :4].permute(2, 0, 1).contiguous()  # 4 x (B, T)
+    batch = {
         "mem_states": mem, "mem_mask": mem_mask, "tokens": tokens, "latent": latent.bool(),
         "labels": labels.masked_fill(~real, IGNORE), "answer_mask": answer.bool(),
         "n_latent": torch.tensor([it.n_latent for it in items]), "examples": Examples([it.example for it in items]),
     }
+    if width > 4:
+        batch["label_sets"] = steps[..., 4:].masked_fill(~real[..., None], IGNORE).contiguous()
+    return batch
+
+
+def _widen(steps: torch.Tensor, width: int) -> torch.Tensor:
+    """(T, w) step columns -> (T, width), the added set columns IGNORE (splits of different widths)."""
+    if steps.shape[1] == width:
+        return steps
+    return torch.cat([steps, steps.new_full((steps.shape[0], width - steps.shape[1]), IGNORE)], dim=1)
 
 
 def _pad(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,9 +204,11 @@ class TaskDataModule(LightningDataModule):
         steps: how reasoning steps are trained: text (written out before the answer),
             latent (one labelled latent step each), none (answer only).
         latent_steps: extra unlabelled latent steps ("continuous thoughts") before the answer.
-        step_token: with steps=latent, "whole" (each step must be one token: its label) or
+        step_token: with steps=latent, "whole" (each step must be one token: its label),
             "first" (a step's first token labels its latent step, e.g. the node a hop reaches
-            with a Coconut JSON task's steps_as=nodes).
+            with a Coconut JSON task's steps_as=nodes) or "set" (the first token of each word of
+            a step, a set, labels its latent step, e.g. every node reached so far with ProsQA's
+            steps_as=reached).
         fixed_steps: with steps=latent, give every example this many labelled latent steps (a
             shorter chain repeats its last step), so evaluation runs the same count on every
             question; None: one per reasoning step, and evaluation runs the most common count.
@@ -333,6 +352,8 @@ class TaskDataModule(LightningDataModule):
         """Every token id the train split's labels use (the task's output vocabulary)."""
         if "train" not in self.datasets:
             raise RuntimeError("target_token_ids() needs the train split: call setup('fit') first")
-        ids = {t for s in self.datasets["train"].sequences for t in s.labels if t >= 0}
+        sequences = self.datasets["train"].sequences
+        ids = {t for s in sequences for t in s.labels if t >= 0}
+        ids |= {t for s in sequences for ts in s.label_sets or () for t in ts}
         return sorted(ids | {self.formatter.tok.eos_id})
 

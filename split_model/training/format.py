@@ -6,7 +6,9 @@ where a latent position takes no token (a "continuous thought") and the target i
 - steps="text": the reasoning steps written out, an answer marker, then the answer;
 - steps="latent": one latent step per reasoning step, each labelled with that step
   (steps must be single tokens, e.g. the state after each move; with step_token="first",
-  the first token of each step, e.g. of the node a hop reaches), then the answer; with
+  the first token of each step, e.g. of the node a hop reaches; with step_token="set", a set:
+  the first token of each word of the step, e.g. every node reached so far, trained towards
+  equal probability on each), then the answer; with
   fixed_steps=n every example gets n labelled latent steps, a shorter chain repeating its
   last step (it has arrived and stays), so a raw question needs no chain length;
 - steps="none": the answer only (K = `latent_steps` unlabelled latent steps before it).
@@ -23,7 +25,8 @@ from split_model.memory.tokenizer import TextTokenizer
 from split_model.tasks import Example
 
 StepsMode = Literal["text", "latent", "none"]
-StepToken = Literal["whole", "first"]  # steps="latent": a step must be one token, or its first token labels it
+# steps="latent": a step must be one token, or its first token labels it, or its words' first tokens (a set) do
+StepToken = Literal["whole", "first", "set"]
 IGNORE = -100  # label of positions that are not scored
 ANSWER_MARKER = " ####"  # separates written steps from the answer
 
@@ -35,6 +38,7 @@ class Sequence:
     labels: list[int]  # target id per position, IGNORE where none
     answer: list[bool]  # True where the label belongs to the answer (or its eos)
     n_latent: int  # positions before bos
+    label_sets: list[tuple[int, ...]] | None = None  # step_token="set": target ids per position (() where none)
 
 
 class Formatter:
@@ -43,8 +47,8 @@ class Formatter:
                  max_target: int | None = None, step_token: StepToken = "whole", fixed_steps: int | None = None):
         if steps not in ("text", "latent", "none"):
             raise ValueError(f"steps must be one of text, latent, none; got {steps!r}")
-        if step_token not in ("whole", "first"):
-            raise ValueError(f"step_token must be whole or first, got {step_token!r}")
+        if step_token not in ("whole", "first", "set"):
+            raise ValueError(f"step_token must be whole, first or set, got {step_token!r}")
         if fixed_steps is not None and (steps != "latent" or fixed_steps < 1):
             raise ValueError(f"fixed_steps gives every example that many labelled latent steps: it needs "
                              f"steps='latent' and a count >= 1, got steps={steps!r}, fixed_steps={fixed_steps!r}")
@@ -93,7 +97,10 @@ class Formatter:
             written = self.tok.encode(" ".join(kept)) + self.marker if kept else self.marker
         else:
             written = []
-        step_labels = [IGNORE] * self._unlabelled(ex) + (self._step_tokens(ex) if self.steps == "latent" else [])
+        sets = self.steps == "latent" and self.step_token == "set"
+        labelled = self._step_tokens(ex) if self.steps == "latent" and not sets else []
+        step_sets = self._step_sets(ex) if sets else []
+        step_labels = [IGNORE] * (self._unlabelled(ex) + len(step_sets)) + labelled
         k = len(step_labels)
         target = written + answer + [self.tok.eos_id]
         return Sequence(
@@ -102,15 +109,37 @@ class Formatter:
             labels=step_labels + target,
             answer=[False] * (k + len(written)) + [True] * (len(answer) + 1),
             n_latent=k,
+            label_sets=[()] * self._unlabelled(ex) + step_sets + [()] * len(target) if sets else None,
         )
 
-    def _step_tokens(self, ex: Example) -> list[int]:
+    def _chain(self, ex: Example) -> list[str]:
+        """The labelled steps: the example's, a shorter chain's last repeated up to fixed_steps."""
         if self.fixed_steps is not None and not 1 <= len(ex.steps) <= self.fixed_steps:
             raise ValueError(f"fixed_steps={self.fixed_steps} labelled latent steps, but an example has "
                              f"{len(ex.steps)} reasoning steps: raise data.fixed_steps to at least the longest chain")
-        ids = [self.tok.encode(s) for s in ex.steps]
-        if len(ids) < self._labelled(ex):  # fixed_steps: a chain that has arrived stays where it is
-            ids += [ids[-1]] * (self._labelled(ex) - len(ids))
+        steps = list(ex.steps)
+        return steps + steps[-1:] * (self._labelled(ex) - len(steps))
+
+    def _step_sets(self, ex: Example) -> list[tuple[int, ...]]:
+        """step_token="set": per labelled step, the first token of each of its words as the
+        tokenizer writes the word after a space (the token the answer would use), sorted."""
+        space = self.tok.encode(" ")
+        out = []
+        for step in self._chain(ex):
+            ids = set()
+            for word in step.split():
+                word_ids = self.tok.encode(" " + word)
+                if space and word_ids[: len(space)] == space and len(word_ids) > len(space):
+                    word_ids = word_ids[len(space):]  # a tokenizer that writes the space as its own token
+                if word_ids:
+                    ids.add(word_ids[0])
+            if not ids:
+                raise ValueError(f"step_token='set' labels a latent step with its words' tokens, but step {step!r} has none")
+            out.append(tuple(sorted(ids)))
+        return out
+
+    def _step_tokens(self, ex: Example) -> list[int]:
+        ids = [self.tok.encode(s) for s in self._chain(ex)]  # fixed_steps: a chain that has arrived stays
         empty = [s for s, i in zip(ex.steps, ids) if not i]
         if empty:
             raise ValueError(f"steps='latent' labels each latent step with a token, but step {empty[0]!r} has none")

@@ -372,7 +372,12 @@ class SplitModelModule(LightningModule):
         # The mean over scored labels, without asking the host whether there are any (a sync per
         # step on a GPU): with none, e.g. all outside the output vocabulary, the loss is 0, not nan.
         total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        loss = total / (labels != IGNORE).sum().clamp_min(1)
+        count = (labels != IGNORE).sum()
+        sets = batch.get("label_sets")
+        if sets is not None:  # each labelled set position counts as one label
+            set_total, set_count, set_right = self._set_terms(logits, self._label_index(sets))
+            total, count = total + set_total, count + set_count
+        loss = total / count.clamp_min(1)
         lookup = None if mem is None else mem.lookup
         if lookup is not None:
             loss = loss + self._retrieval_terms(lookup, labels.shape[0])
@@ -384,9 +389,31 @@ class SplitModelModule(LightningModule):
         if self.formatter is not None and self.formatter.steps == "latent":
             # The share of labelled latent steps right (teacher-forced); logged by the step hooks.
             labelled = batch["latent"] & (batch["labels"] != IGNORE)
-            self.step_acc = (hit & labelled).sum() / labelled.sum().clamp_min(1)
+            right_steps, n_steps = (hit & labelled).sum(), labelled.sum()
+            if sets is not None:
+                right_steps, n_steps = right_steps + set_right, n_steps + set_count
+            self.step_acc = right_steps / n_steps.clamp_min(1)
         right = hit | ~batch["answer_mask"]
         return loss, right.all(dim=1).float().mean(), mem
+
+    @staticmethod
+    def _set_terms(logits: torch.Tensor, sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Label sets (step_token="set"): `sets` (B, T, W) holds each position's target indices
+        in the logits, IGNORE for none. Returns the summed cross-entropy against an equal share
+        on each member (the mean of -log p over the members, per labelled position), the number
+        of labelled positions, and how many of them have exactly their set as the top |set|
+        logits."""
+        member = sets != IGNORE  # (B, T, W)
+        n = member.sum(-1)  # (B, T) members per position
+        labelled = n > 0
+        logp = logits.float().log_softmax(-1)
+        index = sets.clamp_min(0)
+        nll = -(logp.gather(-1, index) * member).sum(-1) / n.clamp_min(1)
+        in_set = torch.zeros_like(logp).scatter_add_(-1, index, member.to(logp.dtype)) > 0  # (B, T, V)
+        lowest_member = logits.masked_fill(~in_set, float("inf")).amin(-1)
+        highest_other = logits.masked_fill(in_set, float("-inf")).amax(-1)
+        right = labelled & (lowest_member > highest_other)
+        return (nll * labelled).sum(), labelled.sum(), right.sum()
 
     def _retrieval_terms(self, lookup, b: int) -> torch.Tensor | float:
         """Logs the search's recall of the gold chunks; returns the weighted auxiliary loss."""
@@ -414,6 +441,8 @@ class SplitModelModule(LightningModule):
         first = labels.gather(1, batch["n_latent"].clamp(max=t - 1)[:, None])  # (B, 1) label at the bos step
         target = self._label_index(first)  # index in the logits, or IGNORE
         steps = batch["latent"] & (labels == IGNORE) & (target != IGNORE)  # (B, T) unlabelled latent steps
+        if "label_sets" in batch:
+            steps = steps & (batch["label_sets"] == IGNORE).all(-1)
         weight, n = steps.float(), steps.sum().clamp_min(1)
         probe = F.cross_entropy(logits.flatten(0, 1), torch.where(steps, target, IGNORE).flatten(),
                                 ignore_index=IGNORE, reduction="sum") / n
