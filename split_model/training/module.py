@@ -181,6 +181,7 @@ class SplitModelModule(LightningModule):
         )
         self.formatter: Formatter | None = None
         self.step_acc: torch.Tensor | None = None  # the last _forward's labelled latent steps right (steps: latent)
+        self.set_recall: torch.Tensor | None = None  # the last _forward's recall of its label sets (step_token: set)
         self.halt_loss: torch.Tensor | None = None  # the last _forward's halting loss (halting on)
         self.task: Task | None = None
         self._format_spec: dict | None = None
@@ -373,9 +374,9 @@ class SplitModelModule(LightningModule):
         # step on a GPU): with none, e.g. all outside the output vocabulary, the loss is 0, not nan.
         total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
         count = (labels != IGNORE).sum()
-        sets = batch.get("label_sets")
+        sets, self.set_recall = batch.get("label_sets"), None
         if sets is not None:  # each labelled set position counts as one label
-            set_total, set_count, set_right = self._set_terms(logits, self._label_index(sets))
+            set_total, set_count, set_right, self.set_recall = self._set_terms(logits, self._label_index(sets))
             total, count = total + set_total, count + set_count
         loss = total / count.clamp_min(1)
         lookup = None if mem is None else mem.lookup
@@ -397,12 +398,12 @@ class SplitModelModule(LightningModule):
         return loss, right.all(dim=1).float().mean(), mem
 
     @staticmethod
-    def _set_terms(logits: torch.Tensor, sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _set_terms(logits: torch.Tensor, sets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Label sets (step_token="set"): `sets` (B, T, W) holds each position's target indices
         in the logits, IGNORE for none. Returns the summed cross-entropy against an equal share
         on each member (the mean of -log p over the members, per labelled position), the number
-        of labelled positions, and how many of them have exactly their set as the top |set|
-        logits."""
+        of labelled positions, how many of them have exactly their set as the top |set| logits,
+        and the mean recall of the top |set| logits (the share of members among them)."""
         member = sets != IGNORE  # (B, T, W)
         n = member.sum(-1)  # (B, T) members per position
         labelled = n > 0
@@ -413,7 +414,11 @@ class SplitModelModule(LightningModule):
         lowest_member = logits.masked_fill(~in_set, float("inf")).amin(-1)
         highest_other = logits.masked_fill(in_set, float("-inf")).amax(-1)
         right = labelled & (lowest_member > highest_other)
-        return (nll * labelled).sum(), labelled.sum(), right.sum()
+        top = logits.topk(min(sets.shape[-1], logits.shape[-1]), dim=-1).values  # (B, T, W) largest first
+        kth = top.gather(-1, (n - 1).clamp_min(0)[..., None])  # the |set|-th largest logit
+        found = ((logits.gather(-1, index) >= kth) & member).sum(-1) / n.clamp_min(1)
+        recall = (found * labelled).sum() / labelled.sum().clamp_min(1)
+        return (nll * labelled).sum(), labelled.sum(), right.sum(), recall
 
     def _retrieval_terms(self, lookup, b: int) -> torch.Tensor | float:
         """Logs the search's recall of the gold chunks; returns the weighted auxiliary loss."""
@@ -484,6 +489,8 @@ class SplitModelModule(LightningModule):
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
         if self.step_acc is not None:
             self.log("train/step_acc", self.step_acc, batch_size=b)
+        if self.set_recall is not None:
+            self.log("train/set_recall", self.set_recall, batch_size=b)
         if self.halt_loss is not None:
             self.log("train/halt_loss", self.halt_loss, batch_size=b)
         if diagnostics:
@@ -627,6 +634,8 @@ class SplitModelModule(LightningModule):
         self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
         if self.step_acc is not None:
             self.log(f"{prefix}/step_acc_teacher_forced", self.step_acc, batch_size=b, sync_dist=True)
+        if self.set_recall is not None:
+            self.log(f"{prefix}/set_recall_teacher_forced", self.set_recall, batch_size=b, sync_dist=True)
         if self.halt_loss is not None:
             self.log(f"{prefix}/halt_loss", self.halt_loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
