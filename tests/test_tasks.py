@@ -340,16 +340,18 @@ def test_steps_as_reached_lists_every_node_within_k_hops_until_the_search_ends(t
     path = tmp_path / "p.json"
     path.write_text(json.dumps([item]))
     reached = ProsQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
-    # Three hops, one more than the chain: the search goes on until nothing new is reached.
-    assert reached == Example("q", ("terpus dumpus", "terpus dumpus brimpus", "terpus dumpus brimpus lempus"),
-                              "Tom is a brimpus.")
+    # Hop 0 (the root alone), then three hops, one more than the chain: the search goes on until
+    # nothing new is reached.
+    assert reached == Example("q", ("Tom", "Tom terpus dumpus", "Tom terpus dumpus brimpus",
+                                    "Tom terpus dumpus brimpus lempus"), "Tom is a brimpus.")
     for ex, gen in zip(ProsQA(n_generated=20, seed=3, steps_as="reached").examples("train"), generate_prosqa(20, 3)):
         names = gen["idx_to_symbol"]
-        assert len(ex.steps) >= len(gen["steps"])
-        assert ex.steps[0].split() == [names[b] for a, b in sorted(gen["edges"], key=lambda e: e[1]) if a == gen["root"]]
+        assert len(ex.steps) >= len(gen["steps"]) + 1 and ex.steps[0] == names[gen["root"]]
+        children = [names[b] for a, b in sorted(gen["edges"], key=lambda e: e[1]) if a == gen["root"]]
+        assert ex.steps[1].split() == [names[gen["root"]], *children]  # the root is node 0 or 1: first
         for k, step in enumerate(ex.steps):
             assert names[gen["neg_target"]] not in step.split()  # the other option is never reached
-            assert (names[gen["target"]] in step.split()) == (k + 1 >= len(gen["steps"]))
+            assert (names[gen["target"]] in step.split()) == (k >= len(gen["steps"]))
             assert k == 0 or set(ex.steps[k - 1].split()) < set(step.split())  # each hop reaches something new
     no_graph = tmp_path / "pronto.json"
     no_graph.write_text(json.dumps([{"question": "q", "steps": ["a."], "answer": "True"}]))

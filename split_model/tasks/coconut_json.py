@@ -87,14 +87,15 @@ def step_node(step: str) -> str:
 
 
 def reached_steps(item: dict[str, Any]) -> tuple[str, ...]:
-    """One step per hop of a breadth-first search from the root over ProsQA's graph, until
-    nothing new is reached: after hop k, the names of every node within k edges of the root,
-    in the order of `idx_to_symbol`, space-separated. The answer is in the step of its chain's
-    length and every later one; the other option is in none. Nothing in a step depends on
-    which of the root's facts lies on the answer's path, which a hop read forward cannot know.
+    """A breadth-first search from the root over ProsQA's graph, one step per hop from hop 0
+    until nothing new is reached: after hop k, the names of every node within k edges of the
+    root, the root included, in the order of `idx_to_symbol`, space-separated. Hop 0 is the
+    root alone (the person the question asks about); the answer is in every step from its
+    chain's length on; the other option is in none. Nothing in a step depends on which of the
+    root's facts lies on the answer's path, which a hop read forward cannot know.
 
-    Root Tom with facts Tom -> terpus, Tom -> dumpus, terpus -> brimpus: ("terpus dumpus",
-    "terpus dumpus brimpus") (names in index order)."""
+    Root Tom with facts Tom -> terpus, Tom -> dumpus, terpus -> brimpus: ("Tom", "Tom terpus
+    dumpus", "Tom terpus dumpus brimpus") (names in index order)."""
     missing = [key for key in ("edges", "root", "idx_to_symbol") if key not in item]
     if missing:
         raise ValueError(f"steps_as='reached' needs ProsQA's graph, but the item has no {', '.join(missing)}")
@@ -102,10 +103,10 @@ def reached_steps(item: dict[str, Any]) -> tuple[str, ...]:
         symbols = [str(s) for s in item["idx_to_symbol"]]
         dist = reachable([(int(a), int(b)) for a, b in item["edges"]], int(item["root"]))
         hops = max(dist.values())
-        steps = tuple(" ".join(symbols[n] for n in sorted(dist) if 1 <= dist[n] <= k) for k in range(1, hops + 1))
+        steps = tuple(" ".join(symbols[n] for n in sorted(dist) if dist[n] <= k) for k in range(hops + 1))
     except (TypeError, ValueError, IndexError) as err:
         raise ValueError(f"steps_as='reached': the item's graph is malformed ({err})") from None
-    if not steps:
+    if hops == 0:
         raise ValueError("steps_as='reached': the root has no fact in the item's graph")
     return steps
 
@@ -132,9 +133,9 @@ class CoconutJSON(FileTask):
                 "nodes", the node each step arrives at ("brimpus"; see `step_node`), which
                 labels one latent step per hop with `data.steps: latent` and
                 `data.step_token: first`; or "reached" (items with ProsQA's graph), every node
-                within k hops of the root after hop k, until nothing new is reached (see
-                `reached_steps`), which labels each latent step with a set of nodes with
-                `data.step_token: set`.
+                within k hops of the root (the root included) after hop k = 0, 1, ..., until
+                nothing new is reached (see `reached_steps`), which labels each latent step
+                with a set of nodes with `data.step_token: set`.
         """
         super().__init__(train_path, valid_path, test_path, max_examples)
         if steps_as not in ("text", "nodes", "reached"):
