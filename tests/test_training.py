@@ -292,13 +292,21 @@ def test_label_sets_teach_a_latent_step_to_hold_the_whole_set(tiny, tmp_path):
     metrics = tiny.trainer(tmp_path).validate(module, datamodule=dm, verbose=False)[0]
     # Held-out questions: the three digits are exactly the latent step's three most likely tokens.
     assert metrics["val/step_acc_teacher_forced"] >= 0.9 and metrics["val/set_recall_teacher_forced"] >= 0.9
+    assert metrics["val/set_recall_step0"] == metrics["val/set_recall_teacher_forced"]  # the one labelled step
 
 
 def test_label_set_terms_count_exact_sets_and_recall():
     logits = torch.tensor([[[3.0, 1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 5.0], [9.0, 0.0, 0.0, 0.0, 0.0]]])
     sets = torch.tensor([[[0, 1], [4, -100], [-100, -100]]])  # {0, 1}, {4}, no set
-    total, count, right, recall = SplitModelModule._set_terms(logits, sets)
+    total, count, right, found, labelled = SplitModelModule._set_terms(logits, sets)
     logp = logits.log_softmax(-1)[0]
     assert float(total) == pytest.approx(float(-(logp[0, 0] + logp[0, 1]) / 2 - logp[1, 4]))
     # {0, 1}: its top two are 0 and 2, half the set; {4}: exactly the top one.
-    assert (int(count), int(right), float(recall)) == (2, 1, 0.75)
+    assert (int(count), int(right)) == (2, 1) and found.tolist() == [[0.5, 1.0, 0.0]]
+    assert labelled.tolist() == [[True, True, False]]
+    # A second row whose two sets sit one position later, recalled 0.0 and 1.0.
+    module = SimpleNamespace(set_found=(torch.cat([found, torch.tensor([[0.0, 0.0, 1.0]])]),
+                                        torch.cat([labelled, torch.tensor([[False, True, True]])])))
+    assert float(SplitModelModule.set_recall(module)) == 0.625
+    # By step: the rows' first sets (0.5 and 0.0), then their second ones (1.0 and 1.0).
+    assert {k: float(v) for k, v in SplitModelModule.set_recall(module, by_step=True).items()} == {0: 0.25, 1: 1.0}

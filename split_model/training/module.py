@@ -181,7 +181,8 @@ class SplitModelModule(LightningModule):
         )
         self.formatter: Formatter | None = None
         self.step_acc: torch.Tensor | None = None  # the last _forward's labelled latent steps right (steps: latent)
-        self.set_recall: torch.Tensor | None = None  # the last _forward's recall of its label sets (step_token: set)
+        # The last _forward's label sets (step_token: set): each position's recall and which have a set, (B, T) each.
+        self.set_found: tuple[torch.Tensor, torch.Tensor] | None = None
         self.halt_loss: torch.Tensor | None = None  # the last _forward's halting loss (halting on)
         self.task: Task | None = None
         self._format_spec: dict | None = None
@@ -374,9 +375,9 @@ class SplitModelModule(LightningModule):
         # step on a GPU): with none, e.g. all outside the output vocabulary, the loss is 0, not nan.
         total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
         count = (labels != IGNORE).sum()
-        sets, self.set_recall = batch.get("label_sets"), None
+        sets, self.set_found = batch.get("label_sets"), None
         if sets is not None:  # each labelled set position counts as one label
-            set_total, set_count, set_right, self.set_recall = self._set_terms(logits, self._label_index(sets))
+            set_total, set_count, set_right, *self.set_found = self._set_terms(logits, self._label_index(sets))
             total, count = total + set_total, count + set_count
         loss = total / count.clamp_min(1)
         lookup = None if mem is None else mem.lookup
@@ -403,7 +404,8 @@ class SplitModelModule(LightningModule):
         in the logits, IGNORE for none. Returns the summed cross-entropy against an equal share
         on each member (the mean of -log p over the members, per labelled position), the number
         of labelled positions, how many of them have exactly their set as the top |set| logits,
-        and the mean recall of the top |set| logits (the share of members among them)."""
+        each position's recall (the share of its members among its top |set| logits; 0 where it
+        has no set) and which positions have a set, (B, T) each."""
         member = sets != IGNORE  # (B, T, W)
         n = member.sum(-1)  # (B, T) members per position
         labelled = n > 0
@@ -417,8 +419,21 @@ class SplitModelModule(LightningModule):
         top = logits.topk(min(sets.shape[-1], logits.shape[-1]), dim=-1).values  # (B, T, W) largest first
         kth = top.gather(-1, (n - 1).clamp_min(0)[..., None])  # the |set|-th largest logit
         found = ((logits.gather(-1, index) >= kth) & member).sum(-1) / n.clamp_min(1)
-        recall = (found * labelled).sum() / labelled.sum().clamp_min(1)
-        return (nll * labelled).sum(), labelled.sum(), right.sum(), recall
+        return (nll * labelled).sum(), labelled.sum(), right.sum(), found, labelled
+
+    def set_recall(self, by_step: bool = False) -> torch.Tensor | dict[int, torch.Tensor] | None:
+        """The last forward's recall of its label sets (None without sets): the mean over
+        labelled positions, or with `by_step` {k: mean over the rows' k-th labelled position}
+        (one host sync: for evaluation)."""
+        if self.set_found is None:
+            return None
+        found, labelled = self.set_found
+        if not by_step:
+            return (found * labelled).sum() / labelled.sum().clamp_min(1)
+        step = (labelled.cumsum(1) - 1)[labelled]  # each labelled position's index in its row
+        total = torch.zeros(labelled.shape[1], device=found.device).index_add_(0, step, found[labelled])
+        count = torch.zeros_like(total).index_add_(0, step, torch.ones_like(found[labelled]))
+        return {k: total[k] / count[k] for k in range(int(labelled.sum(1).max()))}
 
     def _retrieval_terms(self, lookup, b: int) -> torch.Tensor | float:
         """Logs the search's recall of the gold chunks; returns the weighted auxiliary loss."""
@@ -489,8 +504,8 @@ class SplitModelModule(LightningModule):
         self.log("train/answer_acc", acc, prog_bar=True, batch_size=b)
         if self.step_acc is not None:
             self.log("train/step_acc", self.step_acc, batch_size=b)
-        if self.set_recall is not None:
-            self.log("train/set_recall", self.set_recall, batch_size=b)
+        if self.set_found is not None:
+            self.log("train/set_recall", self.set_recall(), batch_size=b)
         if self.halt_loss is not None:
             self.log("train/halt_loss", self.halt_loss, batch_size=b)
         if diagnostics:
@@ -634,8 +649,10 @@ class SplitModelModule(LightningModule):
         self.log(f"{prefix}/answer_acc_teacher_forced", acc, batch_size=b, sync_dist=True)
         if self.step_acc is not None:
             self.log(f"{prefix}/step_acc_teacher_forced", self.step_acc, batch_size=b, sync_dist=True)
-        if self.set_recall is not None:
-            self.log(f"{prefix}/set_recall_teacher_forced", self.set_recall, batch_size=b, sync_dist=True)
+        if self.set_found is not None:
+            self.log(f"{prefix}/set_recall_teacher_forced", self.set_recall(), batch_size=b, sync_dist=True)
+            for k, value in self.set_recall(by_step=True).items():  # where a search stops growing right
+                self.log(f"{prefix}/set_recall_step{k}", value, batch_size=b, sync_dist=True)
         if self.halt_loss is not None:
             self.log(f"{prefix}/halt_loss", self.halt_loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
