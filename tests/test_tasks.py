@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import deque
+from collections import Counter, deque
 import os
 from pathlib import Path
 
@@ -241,6 +241,30 @@ def test_generated_prosqa_invariants() -> None:
         assert item["question"].count(".") == len(item["edges"])
         assert 3 <= len(item["steps"]) <= 6 and 17 <= len(symbols) <= 28
     assert json.loads(json.dumps(items)) == items
+
+
+def test_generated_options_have_the_parent_counts_drawn_for_them() -> None:
+    """How many facts name each option is drawn from the config's weights (by default those of the
+    real valid split, where the answer has fewer parents than the other option), so that a
+    count of parents is no shortcut that the real data would turn around."""
+    cfg = ProsQAGenConfig(target_parent_weights=(1,), neg_target_parent_weights=(0, 0, 1))
+    items = generate_prosqa(40, seed=6, config=cfg)
+    for item in items:
+        check_prosqa_item(item)
+    target = [Counter(dst for _, dst in i["edges"])[i["target"]] for i in items]
+    other = [Counter(dst for _, dst in i["edges"])[i["neg_target"]] for i in items]
+    # One parent for the answer however many random facts were added (a second only where a
+    # person without facts needed one), three for the other option where the graph allows.
+    assert sum(c == 1 for c in target) >= 36 and max(target) <= 2
+    assert sum(c == 3 for c in other) >= 30
+    default = generate_prosqa(400, seed=7)
+    fewer = sum(Counter(d for _, d in i["edges"])[i["target"]] < Counter(d for _, d in i["edges"])[i["neg_target"]]
+                for i in default)
+    more = sum(Counter(d for _, d in i["edges"])[i["target"]] > Counter(d for _, d in i["edges"])[i["neg_target"]]
+               for i in default)
+    assert fewer > 1.5 * more  # as in prosqa_valid.json: fewer 151 of 300, more 51
+    with pytest.raises(ValueError, match="target_parent_weights must be non-negative"):
+        ProsQAGenConfig(target_parent_weights=(0, 0))
 
 
 def test_generated_prosqa_is_seeded() -> None:

@@ -237,6 +237,11 @@ class ProsQAGenConfig:
     extra_person_prob: float = 0.4  # chance of each further distractor person; real: 40% have 3+
     person_fact_prob: float = 0.4  # chance a random extra fact about a person is kept (real: 2.9 facts about root)
     max_people: int = 6  # cap on people per item, including root and the second person
+    # How many facts name each option as their class (its parents), as weights of 1, 2, 3, ...
+    # parents: the answer has fewer than the other option in the real valid split (mean 1.5 vs
+    # 2.1); drawn per item, so that the count of parents tells nothing the real data would not.
+    target_parent_weights: tuple[float, ...] = (186, 84, 24, 6)
+    neg_target_parent_weights: tuple[float, ...] = (100, 117, 55, 17, 8, 2, 1)
     max_tries: int = 1000  # graph resamples per item before giving up
     person_names: tuple[str, ...] = PERSON_NAMES  # names drawn for people (see prosqa_vocabulary)
     concept_names: tuple[str, ...] = CONCEPT_NAMES  # words drawn for concepts
@@ -256,6 +261,11 @@ class ProsQAGenConfig:
                 f"need {needed} <= min_nodes ({self.min_nodes}) <= max_nodes ({self.max_nodes}) "
                 f"for paths of up to {max(self.path_lengths)} steps"
             )
+        for name in ("target_parent_weights", "neg_target_parent_weights"):
+            weights = getattr(self, name)
+            if not weights or min(weights) < 0 or not sum(weights):
+                raise ValueError(f"{name} must be non-negative weights of 1, 2, ... parents with a positive sum, "
+                                 f"got {weights}")
         if self.max_nodes - 2 > len(self.concept_names) or not 2 <= self.max_people <= len(self.person_names):
             raise ValueError(
                 f"max_nodes ({self.max_nodes}) or max_people ({self.max_people}) exceed the "
@@ -386,16 +396,33 @@ class _GraphBuilder:
         self.rng.shuffle(candidates)
         return any(self.try_add(src, dst) for src, dst in candidates)
 
-    def add_random_edges(self, n_edges: int, person_fact_prob: float = 1.0) -> None:
+    def add_random_edges(self, n_edges: int, person_fact_prob: float = 1.0,
+                         max_parents: dict[int, int] | None = None) -> None:
         """Add random allowed edges until there are `n_edges` (or attempts run out); an edge
         from a person is kept with probability person_fact_prob (people sit at low indices, so
-        uniform edges would state too many facts about them)."""
+        uniform edges would state too many facts about them); a node of `max_parents` gets no
+        parent beyond its count."""
+        limits = max_parents or {}
         for _ in range(20 * n_edges):
             if len(self.edges) >= n_edges:
                 return
             src, dst = sorted(self.rng.sample(range(self.n_nodes), 2))
             if src in self.people and self.rng.random() >= person_fact_prob:
                 continue
+            if dst in limits and self.parents(dst) >= limits[dst]:
+                continue
+            self.try_add(src, dst)
+
+    def parents(self, node: int) -> int:
+        return sum(dst == node for _, dst in self.edges)
+
+    def add_parents(self, node: int, count: int) -> None:
+        """Give `node` up to `count` parents in all, from the allowed edges into it."""
+        candidates = [(src, node) for src in range(node)]
+        self.rng.shuffle(candidates)
+        for src, dst in candidates:
+            if self.parents(node) >= count:
+                return
             self.try_add(src, dst)
 
 
@@ -416,8 +443,17 @@ def _build_graph(rng: random.Random, cfg: ProsQAGenConfig) -> _GraphBuilder | No
     graph = _GraphBuilder(rng, n_nodes, n_steps, _sample_people(rng, n_nodes, cfg))
     if not graph.plant() or not graph.connect_all():
         return None
-    graph.add_random_edges(round(cfg.edges_per_node * n_nodes), cfg.person_fact_prob)
+    parents = {graph.target: _draw_count(rng, cfg.target_parent_weights),
+               graph.neg_target: _draw_count(rng, cfg.neg_target_parent_weights)}
+    for node, count in parents.items():  # before the random edges, which may fill the rest
+        graph.add_parents(node, count)
+    graph.add_random_edges(round(cfg.edges_per_node * n_nodes), cfg.person_fact_prob, parents)
     return graph
+
+
+def _draw_count(rng: random.Random, weights: tuple[float, ...]) -> int:
+    """1, 2, ... with the given weights."""
+    return rng.choices(range(1, len(weights) + 1), weights=weights)[0]
 
 
 def _to_item(rng: random.Random, graph: _GraphBuilder, cfg: ProsQAGenConfig) -> dict[str, Any]:
