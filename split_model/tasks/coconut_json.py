@@ -513,7 +513,11 @@ def _generate_one(rng: random.Random, cfg: ProsQAGenConfig) -> dict[str, Any]:
 def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
     """The shape of a set of ProsQA items (real or generated), to check one against the other:
     symbols, facts and people per item, facts about the asked person (the first branches a
-    reasoner must choose between), question words (means), and the share of each path length."""
+    reasoner must choose between), question words, facts naming the answer and the other option
+    as their class (means), the share of items whose answer has fewer such facts than the other
+    option and the share where it has more (a count that differs between the options in one
+    direction is a shortcut a model learns instead of the search), and the share of each path
+    length."""
     if not items:
         raise ValueError("no ProsQA items to describe")
     n = len(items)
@@ -525,6 +529,9 @@ def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
         return {i for i, s in enumerate(item["idx_to_symbol"]) if is_person(s)}
 
     steps = Counter(len(item["steps"]) for item in items)
+    parents = [Counter(dst for _, dst in item["edges"]) for item in items]
+    answer = [p[item["target"]] for p, item in zip(parents, items)]
+    other = [p[item["neg_target"]] for p, item in zip(parents, items)]
     return {
         "items": n,
         "symbols": mean(len(item["idx_to_symbol"]) for item in items),
@@ -533,6 +540,10 @@ def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
         "facts_about_people": mean(sum(src in people(item) for src, _ in item["edges"]) for item in items),
         "facts_about_root": mean(sum(src == item["root"] for src, _ in item["edges"]) for item in items),
         "question_words": mean(len(item["question"].split()) for item in items),
+        "answer_parents": mean(answer),
+        "other_option_parents": mean(other),
+        "answer_fewer_parents_share": round(sum(a < o for a, o in zip(answer, other)) / n, 3),
+        "answer_more_parents_share": round(sum(a > o for a, o in zip(answer, other)) / n, 3),
         "path_length_share": {str(k): round(v / n, 3) for k, v in sorted(steps.items())},
         "distinct_names": len({s for item in items for s in item["idx_to_symbol"]}),  # in the whole set
     }
