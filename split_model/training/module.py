@@ -377,7 +377,8 @@ class SplitModelModule(LightningModule):
         count = (labels != IGNORE).sum()
         sets, self.set_found = batch.get("label_sets"), None
         if sets is not None:  # each labelled set position counts as one label
-            set_total, set_count, set_right, *self.set_found = self._set_terms(logits, self._label_index(sets))
+            set_total, set_count, set_right, found, with_set = self._set_terms(logits, self._label_index(sets))
+            self.set_found = (found, with_set)
             total, count = total + set_total, count + set_count
         loss = total / count.clamp_min(1)
         lookup = None if mem is None else mem.lookup
