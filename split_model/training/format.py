@@ -61,6 +61,7 @@ class Formatter:
         self.tok, self.steps, self.latent_steps = tokenizer, steps, latent_steps
         self.replaced_steps, self.latent_per_step = replaced_steps, latent_per_step
         self.step_token, self.fixed_steps = step_token, fixed_steps
+        self._first_ids: dict[str, int | None] = {}  # step_token="set": word -> its first token id
         self.marker = tokenizer.encode(ANSWER_MARKER)
         # What evaluation and generation use for a raw question, where the gold chain is
         # unknown: the most common latent count and the longest target (written steps, answer,
@@ -123,20 +124,24 @@ class Formatter:
     def _step_sets(self, ex: Example) -> list[tuple[int, ...]]:
         """step_token="set": per labelled step, the first token of each of its words as the
         tokenizer writes the word after a space (the token the answer would use), sorted."""
-        space = self.tok.encode(" ")
         out = []
         for step in self._chain(ex):
-            ids = set()
-            for word in step.split():
-                word_ids = self.tok.encode(" " + word)
-                if space and word_ids[: len(space)] == space and len(word_ids) > len(space):
-                    word_ids = word_ids[len(space):]  # a tokenizer that writes the space as its own token
-                if word_ids:
-                    ids.add(word_ids[0])
+            ids = {i for i in map(self._first_id, step.split()) if i is not None}
             if not ids:
                 raise ValueError(f"step_token='set' labels a latent step with its words' tokens, but step {step!r} has none")
             out.append(tuple(sorted(ids)))
         return out
+
+    def _first_id(self, word: str) -> int | None:
+        """The first token of `word` written after a space (None if it has none); remembered per
+        word, since a task's sets draw on few names and a split is encoded again on every reformat."""
+        if word not in self._first_ids:
+            space = self.tok.encode(" ")
+            ids = self.tok.encode(" " + word)
+            if space and ids[: len(space)] == space and len(ids) > len(space):
+                ids = ids[len(space):]  # a tokenizer that writes the space as its own token
+            self._first_ids[word] = ids[0] if ids else None
+        return self._first_ids[word]
 
     def _step_tokens(self, ex: Example) -> list[int]:
         ids = [self.tok.encode(s) for s in self._chain(ex)]  # fixed_steps: a chain that has arrived stays
