@@ -404,8 +404,8 @@ class SplitModelModule(LightningModule):
         """Label sets (step_token="set"): `sets` (B, T, W) holds each position's target indices
         in the logits, IGNORE for none. Returns the summed cross-entropy against an equal share
         on each member (the mean of -log p over the members, per labelled position), the number
-        of labelled positions, how many of them have exactly their set as the top |set| logits,
-        each position's recall (the share of its members among its top |set| logits; 0 where it
+        of labelled positions, how many of them have exactly their set as the top |set| logits
+        (every member above every other token), each position's recall (the share of its members among its top |set| logits; 0 where it
         has no set) and which positions have a set, (B, T) each."""
         member = sets != IGNORE  # (B, T, W)
         n = member.sum(-1)  # (B, T) members per position
@@ -413,13 +413,14 @@ class SplitModelModule(LightningModule):
         logp = logits.float().log_softmax(-1)
         index = sets.clamp_min(0)
         nll = -(logp.gather(-1, index) * member).sum(-1) / n.clamp_min(1)
-        in_set = torch.zeros_like(logp).scatter_add_(-1, index, member.to(logp.dtype)) > 0  # (B, T, V)
-        lowest_member = logits.masked_fill(~in_set, float("inf")).amin(-1)
-        highest_other = logits.masked_fill(in_set, float("-inf")).amax(-1)
-        right = labelled & (lowest_member > highest_other)
-        top = logits.topk(min(sets.shape[-1], logits.shape[-1]), dim=-1).values  # (B, T, W) largest first
-        kth = top.gather(-1, (n - 1).clamp_min(0)[..., None])  # the |set|-th largest logit
-        found = ((logits.gather(-1, index) >= kth) & member).sum(-1) / n.clamp_min(1)
+        top = logits.topk(min(sets.shape[-1] + 1, logits.shape[-1]), dim=-1).values  # largest first
+        top = torch.cat([top, top.new_full((*top.shape[:-1], 1), float("-inf"))], dim=-1)  # a set of every token
+        kth = top.gather(-1, (n - 1).clamp_min(0)[..., None]).squeeze(-1)  # the |set|-th largest logit
+        after = top.gather(-1, n[..., None]).squeeze(-1)  # the next one: the best other token when all are in
+        chosen = logits.gather(-1, index)
+        found = ((chosen >= kth[..., None]) & member).sum(-1) / n.clamp_min(1)
+        lowest_member = chosen.masked_fill(~member, float("inf")).amin(-1)
+        right = labelled & (lowest_member > after)
         return (nll * labelled).sum(), labelled.sum(), right.sum(), found, labelled
 
     def set_recall(self, by_step: bool = False) -> torch.Tensor | dict[int, torch.Tensor] | None:
