@@ -207,8 +207,86 @@ def test_masked_memory_positions_change_nothing(mode):
         want = model(tokens, latent, memory(model, states, mask))
         torch.testing.assert_close(model(tokens, latent, memory(model, longer, longer_mask)), want)
         moved = states.clone()
-        moved[0, 0] += 1.0  # a real memory token does matter
-        assert not torch.allclose(model(tokens, latent, memory(model, moved, mask)), want)
+        # A real memory token does matter. (Not a shift: the adapter's LayerNorm removes it.)
+        moved[0, 0] = torch.randn(moved[0, 0].shape, generator=g)
+        assert not torch.allclose(model(tokens, latent, memory(model, moved, mask)), want, atol=1e-3)
+
+
+# -- memory window and encoder layers ---------------------------------------------------------------
+def adapted_reasoner(layers: int = 0, window: int = 0, seed: int = 0, mixing: bool = True) -> Reasoner:
+    """make_reasoner("all") with memory encoder layers and a memory window, their weights
+    randomised (mixing) or as initialised."""
+    torch.manual_seed(seed)
+    cfg = ReasonerConfig(d_model=D, n_layers=2, n_heads=4, embed_rank=8, feedback="all", memory_layers=layers,
+                         memory_window=window)
+    model = Reasoner(cfg, vocab_size=VOCAB, memory_dim=MEM_DIM, num_states=MEM_STATES)
+    if mixing:
+        with torch.no_grad():
+            for part in (model.adapter.encoder, model.adapter.window):
+                for p in [] if part is None else part.parameters():
+                    p.normal_(0, 0.3)
+    return model
+
+
+ADAPTED = [pytest.param({"layers": 2}, "adapter.encoder.", id="layers"),
+           pytest.param({"window": 2}, "adapter.window.", id="window")]
+
+
+@pytest.mark.parametrize("kwargs, prefix", ADAPTED)
+def test_fresh_memory_window_and_encoder_are_the_identity_and_add_only_their_weights(kwargs, prefix):
+    plain, adapted = adapted_reasoner(mixing=False), adapted_reasoner(**kwargs, mixing=False)
+    want = dict(plain.named_parameters())
+    extra = [n for n, _ in adapted.named_parameters() if n not in want]
+    assert extra and all(n.startswith(prefix) for n in extra)
+    for name, p in adapted.named_parameters():
+        if name in want:
+            assert torch.equal(p, want[name]), name
+    tokens, latent = step_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(tokens, latent, memory(adapted)), plain(tokens, latent, memory(plain)))
+
+
+@pytest.mark.parametrize("kwargs, reach", [({"layers": 2}, 6), ({"window": 2}, 2)])
+def test_adapted_memory_mixes_real_tokens_in_reach_and_ignores_padding(kwargs, reach):
+    """A memory token's adapted state depends on the other real tokens within reach (all of
+    them through encoder layers, `window` either side through a window; none without
+    either), and never on padding, whatever it holds or however long it is."""
+    model, plain = adapted_reasoner(**kwargs), adapted_reasoner(mixing=False)
+    states, mask = memory_inputs()
+    with torch.no_grad():
+        before = model.adapter(states, mask)
+        for j in range(1, states.shape[1]):
+            moved = states.clone()
+            moved[0, j] = torch.randn(moved[0, j].shape, generator=torch.Generator().manual_seed(j))
+            assert torch.allclose(model.adapter(moved, mask)[0, 0], before[0, 0], atol=1e-4) == (j > reach), j
+            torch.testing.assert_close(plain.adapter(moved, mask)[0, 0], plain.adapter(states, mask)[0, 0])
+    tokens, latent = step_inputs()
+    g = torch.Generator().manual_seed(4)
+    noisy = torch.where(mask[..., None, None], states, 100 * torch.randn(states.shape, generator=g))
+    longer = torch.cat([noisy, torch.randn(3, 5, MEM_STATES, MEM_DIM, generator=g)], dim=1)
+    longer_mask = torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        want = model(tokens, latent, memory(model, states, mask))
+        torch.testing.assert_close(model(tokens, latent, memory(model, longer, longer_mask)), want)
+
+
+@pytest.mark.parametrize("kwargs, part", [({"layers": 1}, "encoder"), ({"window": 2}, "window")])
+def test_gradients_reach_every_memory_window_and_encoder_weight(kwargs, part):
+    model = adapted_reasoner(**kwargs)
+    tokens, latent = step_inputs()
+    F.cross_entropy(model(tokens, latent, memory(model)).flatten(0, 1), tokens.flatten()).backward()
+    for name, p in getattr(model.adapter, part).named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_context_with_no_real_token_stays_finite():
+    model = adapted_reasoner(layers=1, window=2)
+    states, mask = memory_inputs()
+    mask[2] = False
+    with torch.no_grad():
+        out = model.adapter(states, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:2], model.adapter(states[:2], mask[:2]))
 
 
 # -- greedy generation -----------------------------------------------------------------------------
@@ -265,6 +343,8 @@ def test_generate_stops_at_eos_and_leaves_it_out():
         ({"n_layers": 0}, r"must be positive.*n_layers=0"),
         ({"feedback": "some"}, r"none, last, all.*'some'"),
         ({"mlp_ratio": 0}, r"mlp_ratio must be positive, got 0"),
+        ({"memory_layers": -1}, r"memory_layers and memory_window must be >= 0, got -1, 0"),
+        ({"memory_window": -2}, r"memory_layers and memory_window must be >= 0, got 0, -2"),
     ],
 )
 def test_bad_reasoner_config_quotes_the_numbers(kwargs, message):

@@ -39,12 +39,16 @@ class BruteLookup:
 
 
 def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, query: str = "layer",
-          quote: bool = False) -> Reasoner:
+          quote: bool = False, memory_layers: int = 0, memory_window: int = 0) -> Reasoner:
     torch.manual_seed(seed)
     cfg = ReasonerConfig(d_model=32, n_layers=2, n_heads=4, feedback=feedback, retrieval_k=3,
-                         retrieval_every=every, retrieval_layer=layer, retrieval_query=query, retrieval_quote=quote)
+                         retrieval_every=every, retrieval_layer=layer, retrieval_query=query, retrieval_quote=quote,
+                         memory_layers=memory_layers, memory_window=memory_window)
     r = Reasoner(cfg, vocab_size=V, memory_dim=D, num_states=S, key_dim=DK)
     with torch.no_grad():
+        for part in (r.adapter.encoder, r.adapter.window):  # mixing, so the window and encoder matter
+            for p in [] if part is None else part.parameters():
+                p.normal_(0, 0.3)
         if r.feedback is not None:
             r.feedback.gate.weight.normal_(0, 0.2)  # open, so the feedback path matters
         if quote:
@@ -86,13 +90,15 @@ def test_gradient_reaches_the_query_projection():
     assert r.retrieval.kind.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("query", ["layer", "previous", "quote"])
+@pytest.mark.parametrize("query", ["layer", "previous", "quote", "encoded"])
 @pytest.mark.parametrize("feedback", ["none", "all"])
 def test_training_forward_equals_generation_steps(feedback, query):
     """Without feedback and with queries from the step's own layer, the forward is one parallel
     pass (one search for every position); every variant must compute what the recurrent
-    steps compute, one search per step. Jacobi passes (as many as steps) compute it too."""
-    r = model(feedback, query="previous" if query == "quote" else query, quote=query == "quote")
+    steps compute, one search per step. Jacobi passes (as many as steps) compute it too.
+    encoded: queries from the layer, question and chunks through a memory window and encoder layer."""
+    r = model(feedback, query="previous" if query == "quote" else "layer" if query == "encoded" else query,
+              quote=query == "quote", memory_layers=int(query == "encoded"), memory_window=2 * (query == "encoded"))
     tokens, latent, states, mask = inputs()
     parallel = BruteLookup()
     out = r(tokens, latent, memory(r, states, mask, parallel))
@@ -101,7 +107,7 @@ def test_training_forward_equals_generation_steps(feedback, query):
         jacobi = r.forward_jacobi(tokens, latent, memory(r, states, mask, BruteLookup()), passes=tokens.shape[1])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(jacobi, ref, rtol=1e-4, atol=1e-5)
-    parallel_pass = feedback == "none" and query == "layer"
+    parallel_pass = feedback == "none" and query in ("layer", "encoded")
     assert len(parallel.positions) == (1 if parallel_pass else tokens.shape[1])
 
 
@@ -184,9 +190,11 @@ def test_queries_only_every_n_steps():
     assert lookup.positions == [[0], [2], [4], [6]]
 
 
-def test_no_chunk_found_reads_the_question_alone():
-    """With nothing fetched (ids -1), the step computes exactly what it computes without a store."""
-    r = model()
+@pytest.mark.parametrize("adapted", [0, 1])
+def test_no_chunk_found_reads_the_question_alone(adapted):
+    """With nothing fetched (ids -1), the step computes exactly what it computes without a store
+    (also through a memory window and encoder layers, which see an empty chunk: no NaN leaks)."""
+    r = model(memory_layers=adapted, memory_window=2 * adapted)
     tokens, latent, states, mask = inputs()
     with torch.no_grad():
         none_found = r(tokens, latent, memory(r, states, mask, BruteLookup(empty=True)))

@@ -45,6 +45,19 @@ class ReasonerConfig:
             key space by a zero-initialised projection. A name read in a fetched chunk then
             reaches the next query in the memory's own space, not squeezed through the
             reasoner's width; at initialisation the query is exactly the one without quoting.
+        memory_window: each memory token also takes in the states of the memory_window
+            tokens on either side: a second projection of the backbone states mixed along the
+            tokens by a depthwise convolution (zero-initialised), added to the adapted state
+            (0: none). It puts the other end of a short fact at each of its tokens ("Tom" at
+            "terpus" in "Tom is a terpus."), which a frozen layer holds poorly. Cost: once per
+            context, one projection and a convolution.
+        memory_layers: trainable bidirectional self-attention layers (each with an MLP) run
+            over the projected memory once per context, before the blocks read it (0: the
+            blocks read the backbone's states as projected). They let a memory token take in
+            what its neighbours say (whose class "terpus" is in "Tom is a terpus.") where the
+            frozen layer does not carry it; retrieved chunks pass through them too, each on
+            its own. Each layer starts as the identity (zero-initialised outputs). Cost: once
+            per context, in parallel over its tokens, never per reasoning step.
     """
 
     d_model: int = 256  # residual width
@@ -61,6 +74,8 @@ class ReasonerConfig:
     retrieval_layer: int = 1  # query after this many blocks; chunks join the blocks from here up
     retrieval_query: RetrievalQuery = "layer"  # the query's source: this step's layer, or the previous step's output
     retrieval_quote: bool = False  # previous: the next query also quotes the fetched chunks' memory states
+    memory_window: int = 0  # tokens either side that each memory token takes in (a convolution)
+    memory_layers: int = 0  # trainable self-attention layers over the memory, once per context
 
     def __post_init__(self):
         if self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.embed_rank <= 0:
@@ -88,6 +103,9 @@ class ReasonerConfig:
             raise ValueError("retrieval_quote quotes fetched chunks into the next step's query: it needs "
                              f"retrieval_k > 0 and retrieval_query: previous (got retrieval_k={self.retrieval_k}, "
                              f"retrieval_query={self.retrieval_query!r})")
+        if self.memory_layers < 0 or self.memory_window < 0:
+            raise ValueError(f"memory_layers and memory_window must be >= 0, got {self.memory_layers}, "
+                             f"{self.memory_window}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 

@@ -187,6 +187,72 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x)), cache
 
 
+class MemoryWindow(nn.Module):
+    """What a memory token's neighbours hold, added to its adapted state: a projection of the
+    (normed) backbone states, mixed along the tokens by a depthwise convolution over the
+    `width` tokens either side. A fact "Every A is a B." then has A's identity at B's token
+    (and B's at A's) by construction: a frozen layer holds each word well at its own token
+    and the other end of its fact poorly. Padding is zeroed first, so it never leaks in. The
+    convolution starts at zero: a fresh window adds nothing, and its first gradient is
+    already non-zero.
+    """
+
+    def __init__(self, in_dim: int, d_model: int, width: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, d_model, bias=False)
+        self.mix = nn.Conv1d(d_model, d_model, 2 * width + 1, padding=width, groups=d_model, bias=False)
+        nn.init.zeros_(self.mix.weight)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, N, in_dim) normed states, mask (B, N) real tokens or None -> (B, N, d)."""
+        h = self.proj(x)
+        if mask is not None:
+            h = h * mask[..., None].to(h.dtype)
+        return self.mix(h.transpose(1, 2)).transpose(1, 2)
+
+
+class MemoryEncoder(nn.Module):
+    """Trainable bidirectional layers over the adapted memory, run once per context.
+
+    A frozen backbone layer need not carry what a reasoner must match on: in "Tom is a
+    terpus." the state of "terpus" may not say whose class it is. Each layer lets every
+    memory token attend to the others (rotary, so relative offsets are easy to learn) and
+    rewrite itself. Outputs are zero-initialised: a fresh encoder is the identity.
+    """
+
+    def __init__(self, cfg: ReasonerConfig):
+        super().__init__()
+        self.h, self.dh, self.base = cfg.n_heads, cfg.head_dim, cfg.rope_base
+        d = cfg.d_model
+        self.norms = nn.ModuleList(RMSNorm(d) for _ in range(2 * cfg.memory_layers))
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d, bias=False) for _ in range(cfg.memory_layers))
+        self.out = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(cfg.memory_layers))
+        self.mlps = nn.ModuleList(MLP(cfg) for _ in range(cfg.memory_layers))
+        for out, mlp in zip(self.out, self.mlps):
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(mlp.down.weight)
+
+    def forward(self, mem: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """mem (B, N, d), mask (B, N) True where a token is real (None: all) -> (B, N, d)."""
+        b, n, _ = mem.shape
+        attn_mask = None
+        if mask is not None:
+            # A context with no real token (an empty retrieval slot) attends to all of its
+            # padding instead of to nothing, which some attention kernels answer with NaN; its
+            # output is unused.
+            mask = mask.bool() | ~mask.bool().any(-1, keepdim=True)
+            attn_mask = mask[:, None, None, :]  # (B, 1, 1, N)
+        cos, sin = rotary_angles(0, n, self.dh, self.base, mem.device)
+        x = mem
+        for i, (qkv, out, mlp) in enumerate(zip(self.qkv, self.out, self.mlps)):
+            q, k, v = qkv(self.norms[2 * i](x)).view(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)  # each (B, H, N, dh)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            x = x + out(y.transpose(1, 2).reshape(b, n, -1))
+            x = x + mlp(self.norms[2 * i + 1](x))
+        return x
+
+
 class Feedback(nn.Module):
     """Turns the states of step t into an input added to step t+1.
 

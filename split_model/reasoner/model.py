@@ -33,7 +33,9 @@ from split_model.reasoner.layers import (
     FactorisedEmbedding,
     Feedback,
     LayerCache,
+    MemoryEncoder,
     MemoryKV,
+    MemoryWindow,
     RMSNorm,
 )
 from split_model.reasoner.retrieval import RetrievalHead
@@ -68,7 +70,8 @@ class ReasonerState:
 class MemoryAdapter(nn.Module):
     """(B, N, S, D_mem) states of S backbone layers -> (B, N, d) reasoner-width memory.
 
-    Token positions are added explicitly: rotary backbones keep them only implicitly.
+    Token positions are added explicitly: rotary backbones keep them only implicitly. The
+    optional window and encoder layers (memory_window, memory_layers) are set by the Reasoner.
     """
 
     def __init__(self, memory_dim: int, num_states: int, d_model: int):
@@ -76,10 +79,17 @@ class MemoryAdapter(nn.Module):
         self.norm = nn.LayerNorm(memory_dim, elementwise_affine=False)  # backbone layers differ in scale
         self.proj = nn.Linear(num_states * memory_dim, d_model, bias=False)
         self.position = AbsolutePosition(d_model)
+        self.window: MemoryWindow | None = None
+        self.encoder: MemoryEncoder | None = None
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask (B, N): real tokens, for the window and encoder layers (None: every token is real)."""
         pos = torch.arange(states.shape[1], device=states.device)
-        return self.proj(self.norm(states).flatten(2)) + self.position(pos)  # (B, N, S*D) -> (B, N, d)
+        x = self.norm(states).flatten(2)  # (B, N, S*D)
+        mem = self.proj(x) + self.position(pos)  # (B, N, d)
+        if self.window is not None:
+            mem = mem + self.window(x, mask)
+        return mem if self.encoder is None else self.encoder(mem, mask)
 
 
 class Reasoner(nn.Module):
@@ -115,6 +125,10 @@ class Reasoner(nn.Module):
         if cfg.retrieval_k:  # created last, for the same reason
             self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every, cfg.retrieval_query == "previous",
                                            quote_dim=memory_dim if cfg.retrieval_quote else 0)
+        if cfg.memory_window:  # created last, for the same reason
+            self.adapter.window = MemoryWindow(num_states * memory_dim, cfg.d_model, cfg.memory_window)
+        if cfg.memory_layers:  # created last, for the same reason
+            self.adapter.encoder = MemoryEncoder(cfg)
         self.last_latent_steps: torch.Tensor | None = None  # latent steps each row took in the last generate
         # Token ids the head scores (None: the whole vocabulary); see set_output_vocab.
         self.register_buffer("output_ids", None, persistent=False)
@@ -152,7 +166,7 @@ class Reasoner(nn.Module):
     # -- memory ---------------------------------------------------------------------------
     def encode_memory(self, states: torch.Tensor, mask: torch.Tensor) -> MemoryKV:
         """states (B, N, S, D_mem), mask (B, N) -> per-block cross-attention K/V."""
-        mem = self.adapter(states)
+        mem = self.adapter(states, mask)
         # Contiguous once here, or every step's attention copies the permuted K/V again.
         kv = [tuple(x.contiguous() for x in blk.xattn.memory_kv(mem)) for blk in self.blocks]
         return MemoryKV(kv=kv, mask=mask.bool()[:, None, None, :])

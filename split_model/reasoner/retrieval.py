@@ -107,7 +107,8 @@ class RetrievalHead(nn.Module):
         scores = torch.einsum("btd,btkd->btk", q, found.keys.to(q.dtype)).masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
         lookup.observe(positions, found.ids.masked_fill(~valid, -1), log_p, q)
-        states = adapter(found.states.flatten(0, 2)).view(b, t, k * n, -1) + self.kind  # (B*T*k, n, S, D) -> (B, T, k*n, d)
+        states = adapter(found.states.flatten(0, 2), found.mask.flatten(0, 2))  # (B*T*k, n, S, D) -> (B*T*k, n, d)
+        states = states.view(b, t, k * n, -1) + self.kind  # (B, T, k*n, d)
         real = (found.mask & valid[..., None]).flatten(2)  # (B, T, k*n)
         bias = log_p[..., None].expand(b, t, k, n).flatten(2).masked_fill(~real, float("-inf"))
         raw = None  # (B, T, k*n, D_mem) for quoting: the deepest stored layer
