@@ -190,11 +190,11 @@ class Block(nn.Module):
 class MemoryWindow(nn.Module):
     """What a memory token's neighbours hold, added to its adapted state: a projection of the
     (normed) backbone states, mixed along the tokens by a depthwise convolution over the
-    `width` tokens either side. A fact "Every A is a B." then has A's identity at B's token
-    (and B's at A's) by construction: a frozen layer holds each word well at its own token
-    and the other end of its fact poorly. Padding is zeroed first, so it never leaks in. The
-    convolution starts at zero: a fresh window adds nothing, and its first gradient is
-    already non-zero.
+    `width` tokens either side. A fact "Every A is a B." can then carry A's identity at B's
+    token (and B's at A's) through one learned linear map, where a frozen layer holds each
+    word well at its own token and the other end of its fact poorly. Padding is zeroed
+    first, so it never leaks in. The convolution starts at zero: a fresh window adds
+    nothing, and its first gradient is already non-zero.
     """
 
     def __init__(self, in_dim: int, d_model: int, width: int):
