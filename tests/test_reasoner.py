@@ -194,10 +194,9 @@ def test_truncated_bptt_cuts_the_gradient_at_window_starts(mode, bptt_steps, lat
 
 
 # -- memory padding ------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", MODES)
-def test_masked_memory_positions_change_nothing(mode):
-    model = make_reasoner(mode)
-    states, mask = memory_inputs()
+def assert_padding_changes_nothing(model: Reasoner, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The logits with padding that holds noise and with 5 more padded tokens equal those of
+    (states, mask); returns those logits."""
     tokens, latent = step_inputs()
     g = torch.Generator().manual_seed(4)
     noisy = torch.where(mask[..., None, None], states, 100 * torch.randn(states.shape, generator=g))
@@ -206,6 +205,17 @@ def test_masked_memory_positions_change_nothing(mode):
     with torch.no_grad():
         want = model(tokens, latent, memory(model, states, mask))
         torch.testing.assert_close(model(tokens, latent, memory(model, longer, longer_mask)), want)
+    return want
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_memory_positions_change_nothing(mode):
+    model = make_reasoner(mode)
+    states, mask = memory_inputs()
+    tokens, latent = step_inputs()
+    want = assert_padding_changes_nothing(model, states, mask)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
         moved = states.clone()
         # A real memory token does matter. (Not a shift: the adapter's LayerNorm removes it.)
         moved[0, 0] = torch.randn(moved[0, 0].shape, generator=g)
@@ -260,14 +270,7 @@ def test_adapted_memory_mixes_real_tokens_in_reach_and_ignores_padding(kwargs, r
             moved[0, j] = torch.randn(moved[0, j].shape, generator=torch.Generator().manual_seed(j))
             assert torch.allclose(model.adapter(moved, mask)[0, 0], before[0, 0], atol=1e-4) == (j > reach), j
             torch.testing.assert_close(plain.adapter(moved, mask)[0, 0], plain.adapter(states, mask)[0, 0])
-    tokens, latent = step_inputs()
-    g = torch.Generator().manual_seed(4)
-    noisy = torch.where(mask[..., None, None], states, 100 * torch.randn(states.shape, generator=g))
-    longer = torch.cat([noisy, torch.randn(3, 5, MEM_STATES, MEM_DIM, generator=g)], dim=1)
-    longer_mask = torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], dim=1)
-    with torch.no_grad():
-        want = model(tokens, latent, memory(model, states, mask))
-        torch.testing.assert_close(model(tokens, latent, memory(model, longer, longer_mask)), want)
+    assert_padding_changes_nothing(model, states, mask)
 
 
 @pytest.mark.parametrize("kwargs, part", [({"layers": 1}, "encoder"), ({"window": 2}, "window")])

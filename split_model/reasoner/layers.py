@@ -224,7 +224,8 @@ class MemoryEncoder(nn.Module):
         super().__init__()
         self.h, self.dh, self.base = cfg.n_heads, cfg.head_dim, cfg.rope_base
         d = cfg.d_model
-        self.norms = nn.ModuleList(RMSNorm(d) for _ in range(2 * cfg.memory_layers))
+        self.attn_norms = nn.ModuleList(RMSNorm(d) for _ in range(cfg.memory_layers))
+        self.mlp_norms = nn.ModuleList(RMSNorm(d) for _ in range(cfg.memory_layers))
         self.qkv = nn.ModuleList(nn.Linear(d, 3 * d, bias=False) for _ in range(cfg.memory_layers))
         self.out = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(cfg.memory_layers))
         self.mlps = nn.ModuleList(MLP(cfg) for _ in range(cfg.memory_layers))
@@ -244,12 +245,12 @@ class MemoryEncoder(nn.Module):
             attn_mask = mask[:, None, None, :]  # (B, 1, 1, N)
         cos, sin = rotary_angles(0, n, self.dh, self.base, mem.device)
         x = mem
-        for i, (qkv, out, mlp) in enumerate(zip(self.qkv, self.out, self.mlps)):
-            q, k, v = qkv(self.norms[2 * i](x)).view(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        for attn_norm, qkv, out, mlp_norm, mlp in zip(self.attn_norms, self.qkv, self.out, self.mlp_norms, self.mlps):
+            q, k, v = qkv(attn_norm(x)).view(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
             q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)  # each (B, H, N, dh)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             x = x + out(y.transpose(1, 2).reshape(b, n, -1))
-            x = x + mlp(self.norms[2 * i + 1](x))
+            x = x + mlp(mlp_norm(x))
         return x
 
 
