@@ -24,6 +24,7 @@ from split_model.tasks import (
     StateTracking,
     generate_prosqa,
     get_task,
+    prontoqa_graph,
     prosqa_statistics,
     prosqa_vocabulary,
     write_prosqa,
@@ -352,7 +353,7 @@ def test_steps_as_nodes_keeps_the_node_each_hop_reaches(tmp_path: Path) -> None:
     for ex, item in zip(generated, generate_prosqa(4, 2)):
         assert ex.steps == tuple(s.rstrip(".").split()[-1] for s in item["steps"])
         assert ex.steps[-1] == item["idx_to_symbol"][item["target"]]  # the last hop reaches the answer
-    with pytest.raises(ValueError, match="steps_as must be text, nodes or reached"):
+    with pytest.raises(ValueError, match="steps_as must be text, nodes, reached or backward"):
         ProntoQA(steps_as="words")
 
 
@@ -377,14 +378,82 @@ def test_steps_as_reached_lists_every_node_within_k_hops_until_the_search_ends(t
             assert names[gen["neg_target"]] not in step.split()  # the other option is never reached
             assert (names[gen["target"]] in step.split()) == (k >= len(gen["steps"]))
             assert k == 0 or set(ex.steps[k - 1].split()) < set(step.split())  # each hop reaches something new
-    no_graph = tmp_path / "pronto.json"
-    no_graph.write_text(json.dumps([{"question": "q", "steps": ["a."], "answer": "True"}]))
-    with pytest.raises(ValueError, match=r"pronto\.json, item 0: steps_as='reached' needs ProsQA's graph.*edges"):
-        ProntoQA(valid_path=str(no_graph), steps_as="reached").examples("valid")
+    no_graph = tmp_path / "nograph.json"
+    no_graph.write_text(json.dumps([{"question": "q", "steps": ["a."], "answer": "Tom is a b."}]))
+    with pytest.raises(ValueError, match=r"nograph\.json, item 0: steps_as='reached' needs ProsQA's graph.*edges"):
+        ProsQA(valid_path=str(no_graph), steps_as="reached").examples("valid")
     leaf_root = tmp_path / "leaf.json"
     leaf_root.write_text(json.dumps([{**item, "root": 5}]))
     with pytest.raises(ValueError, match="the root has no fact"):
         ProsQA(valid_path=str(leaf_root), steps_as="reached").examples("valid")
+
+
+def test_steps_as_backward_chains_from_the_goals_to_the_root(tmp_path: Path) -> None:
+    # Tom(0) -> terpus(2) -> brimpus(4) (the answer), Tom -> dumpus(3); Alex(1) -> gorpus(6) (the other option)
+    item = {"question": "q", "steps": ["Tom is a terpus.", "Every terpus is a brimpus."], "answer": "Tom is a brimpus.",
+            "idx_to_symbol": ["Tom", "Alex", "terpus", "dumpus", "brimpus", "lempus", "gorpus"],
+            "edges": [[4, 5], [0, 2], [1, 6], [2, 4], [0, 3]], "root": 0, "target": 4, "neg_target": 6}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([item]))
+    backward = ProsQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
+    # The two options, then what has a fact into them (Alex leads to the other option and drops
+    # out after it), until the step that names the root.
+    assert backward == Example("q", ("brimpus gorpus", "Alex terpus", "Tom"), "Tom is a brimpus.")
+    for ex, gen in zip(ProsQA(n_generated=20, seed=5, steps_as="backward").examples("train"), generate_prosqa(20, 5)):
+        names = gen["idx_to_symbol"]
+        assert ex.steps[0].split() == sorted([names[gen["target"]], names[gen["neg_target"]]], key=names.index)
+        assert names[gen["root"]] in ex.steps[-1].split()
+        assert len(ex.steps) == len(gen["steps"]) + 1  # the chain is a shortest one: found at its length
+        assert all(names[gen["root"]] not in step.split() for step in ex.steps[:-1])
+    unlinked = tmp_path / "unlinked.json"
+    unlinked.write_text(json.dumps([{**item, "target": 3, "neg_target": 5, "edges": [[1, 3], [2, 5]]}]))
+    with pytest.raises(ValueError, match=r"unlinked\.json, item 0: .*no chain of facts leads from the root"):
+        ProsQA(valid_path=str(unlinked), steps_as="backward").examples("valid")
+
+
+PRONTO_QUESTION = (
+    "Every wumpus is a dumpus. Each dumpus is an impus. Wumpuses are not luminous. Impuses are rompuses. "
+    "Each jompus is luminous. Every impus is nervous. Tumpuses are jompuses. Sally is a wumpus. "
+    "Sally is a tumpus. True or false: Sally is luminous."
+)
+
+
+def test_prontoqa_graph_reads_every_fact_form() -> None:
+    graph = prontoqa_graph(PRONTO_QUESTION)
+    names = graph["idx_to_symbol"]
+    assert names[graph["root"]] == "Sally"
+    # Classes as one member in lower case; "luminous" and "nervous" end in "s" but are properties.
+    assert {(names[a], names[b]) for a, b in graph["edges"]} == {
+        ("wumpus", "dumpus"), ("dumpus", "impus"), ("impus", "rompus"), ("tumpus", "jompus"),
+        ("Sally", "wumpus"), ("Sally", "tumpus")}
+    assert sorted(names[g] for g in graph["goals"]) == ["jompus", "wumpus"]  # the asked property, either way
+    with pytest.raises(ValueError, match="True or false"):
+        prontoqa_graph("Every wumpus is a dumpus. Is Sally luminous?")
+    with pytest.raises(ValueError, match="none of the known forms: 'Sally likes wumpuses'"):
+        prontoqa_graph("Sally likes wumpuses. True or false: Sally is luminous.")
+    with pytest.raises(ValueError, match="states the asked property 'red'"):
+        prontoqa_graph("Sally is a wumpus. Wumpuses are blue. True or false: Sally is red.")
+
+
+def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"question": PRONTO_QUESTION, "steps": ["Sally is a tumpus."], "answer": "True"}]))
+    backward = ProntoQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
+    assert backward.steps == ("wumpus jompus", "Sally tumpus")  # Sally is a wumpus directly: found at step 1
+    reached = ProntoQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
+    # Names in order of first mention (jompus is named before tumpus, by its property fact).
+    assert reached.steps == ("Sally", "Sally wumpus tumpus", "Sally wumpus dumpus jompus tumpus",
+                             "Sally wumpus dumpus impus jompus tumpus", "Sally wumpus dumpus impus rompus jompus tumpus")
+    # On the real split, the backward chain is the written chain read from its end: written step k
+    # ("Alex is a tumpus. Tumpuses are gorpuses.") is at class k of 5, and backward step 4 - k names it.
+    real = ProntoQA(valid_path=str(require(PRONTOQA_VALID)), steps_as="backward").examples("valid")
+    written = ProntoQA(valid_path=str(require(PRONTOQA_VALID))).examples("valid")
+    for ex, text in zip(real, written):
+        person, classes = text.steps[0].split()[0], [step.split(".")[0].split()[-1] for step in text.steps[:5]]
+        assert len(ex.steps) == 6 and ex.steps[5] == person
+        assert len(ex.steps[0].split()) == 2  # the asked property is stated of two classes
+        for k, cls in enumerate(classes):
+            assert cls in ex.steps[4 - k].split()
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def _examples(items: list[Any], source: str, view) -> list[Example]:
     return examples
 
 
-StepsAs = Literal["text", "nodes", "reached"]
+StepsAs = Literal["text", "nodes", "reached", "backward"]
 
 
 def step_node(step: str) -> str:
@@ -111,6 +112,107 @@ def reached_steps(item: dict[str, Any]) -> tuple[str, ...]:
     return steps
 
 
+def backward_steps(item: dict[str, Any]) -> tuple[str, ...]:
+    """Backward chaining over a graph item, one step per hop from the goals back to the root:
+    step 0 names the goals (ProsQA: the two options, `target` and `neg_target`; a parsed
+    ProntoQA question: the classes whose facts state the asked property, see
+    `prontoqa_graph`), step k every node with an edge into step k-1's nodes that no earlier
+    step named, until a step names the root (the proof is found). Each step's names are in
+    the order of `idx_to_symbol`, space-separated. A goal no edge leads to drops out at the
+    next step, so the steps narrow to the chain that links the root to its goal.
+
+    Root Tom with facts Tom -> terpus, terpus -> brimpus, and options brimpus and gorpus:
+    ("brimpus gorpus", "terpus", "Tom")."""
+    missing = [key for key in ("edges", "root", "idx_to_symbol") if key not in item]
+    if "goals" not in item and not ("target" in item and "neg_target" in item):
+        missing.append("goals (or target and neg_target)")
+    if missing:
+        raise ValueError(f"steps_as='backward' needs a graph, but the item has no {', '.join(missing)}")
+    try:
+        symbols = [str(s) for s in item["idx_to_symbol"]]
+        root = int(item["root"])
+        goals = item["goals"] if "goals" in item else [item["target"], item["neg_target"]]
+        parents: dict[int, set[int]] = {}
+        for a, b in item["edges"]:
+            parents.setdefault(int(b), set()).add(int(a))
+        frontier = {int(g) for g in goals}
+        seen = set(frontier)
+        steps = []
+        while frontier:
+            steps.append(" ".join(symbols[n] for n in sorted(frontier)))
+            if root in frontier:
+                return tuple(steps)
+            frontier = {p for n in frontier for p in parents.get(n, ())} - seen
+            seen |= frontier
+    except (TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"steps_as='backward': the item's graph is malformed ({err})") from None
+    raise ValueError("steps_as='backward': no chain of facts leads from the root to a goal")
+
+
+_PRONTO_QUERY = re.compile(r"True or false: (\w+) is (not )?(\w+)")
+_PRONTO_FACTS = (
+    re.compile(r"(?:Every|Each) (?P<subject>\w+) is (?P<neg>not )?(?P<article>an? )?(?P<object>\w+)"),
+    re.compile(r"(?P<plural>\w+) are (?P<neg>not )?(?P<object>\w+)"),
+    re.compile(r"(?P<subject>\w+) is (?P<neg>not )?(?P<article>an? )?(?P<object>\w+)"),
+)
+
+
+def _singular(word: str) -> str:
+    """A class name as one member: "Tumpuses" -> "tumpus", "mammals" -> "mammal"."""
+    word = word.lower()
+    if word.endswith("uses"):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith("us"):
+        return word[:-1]
+    return word
+
+
+def prontoqa_graph(question: str) -> dict[str, Any]:
+    """A ProntoQA question as a graph in ProsQA's item format, for `reached_steps` and
+    `backward_steps`: `idx_to_symbol` names the person asked about (`root`, as written) and
+    every class (one member, lower case: "tumpus"); `edges` are the "is a" facts ("Alex is a
+    tumpus.", "Every tumpus is a gorpus.", "Tumpuses are gorpuses."); `goals` are the classes
+    whose property facts name the asked property ("Brimpuses are happy." or "Every lorpus is
+    not happy." for "True or false: Alex is happy."), either way round. A fact's object is a
+    class when it has an article ("is a", "is an") or, after "are", is a plural (it ends in
+    "s" but not in "us": "gorpuses", not "luminous"); otherwise it is a property. ValueError names a sentence that fits none of the forms."""
+    sentences = [s.strip() for s in question.split(".") if s.strip()]
+    query = _PRONTO_QUERY.fullmatch(sentences[-1]) if sentences else None
+    if query is None:
+        raise ValueError(f"a ProntoQA question ends with 'True or false: NAME is [not] PROPERTY.', got {question[-80:]!r}")
+    root, prop = query.group(1), query.group(3)
+    symbols: list[str] = [root]
+    index = {root: 0}
+    edges: list[tuple[int, int]] = []
+    goals: list[int] = []
+
+    def node(name: str) -> int:
+        if name not in index:
+            index[name] = len(symbols)
+            symbols.append(name)
+        return index[name]
+
+    for sentence in sentences[:-1]:
+        fact = next((m for m in (f.fullmatch(sentence) for f in _PRONTO_FACTS) if m), None)
+        if fact is None:
+            raise ValueError(f"a ProntoQA fact has none of the known forms: {sentence!r}")
+        parts = fact.groupdict()
+        if parts.get("plural"):
+            subject = _singular(parts["plural"])
+            is_class = _singular(parts["object"]) != parts["object"].lower()  # "luminous" is no plural
+        else:
+            subject, is_class = parts["subject"], bool(parts["article"])
+            if sentence.startswith(("Every ", "Each ")):
+                subject = subject.lower()
+        if is_class:
+            edges.append((node(subject), node(_singular(parts["object"]))))
+        elif parts["object"] == prop:
+            goals.append(node(subject))
+    if not goals:
+        raise ValueError(f"no fact of the ProntoQA question states the asked property {prop!r}")
+    return {"idx_to_symbol": symbols, "edges": edges, "root": 0, "goals": goals}
+
+
 class CoconutJSON(FileTask):
     """Any benchmark stored as Coconut JSON lists, one file per split."""
 
@@ -132,14 +234,17 @@ class CoconutJSON(FileTask):
             steps_as: what an example's reasoning steps are: "text", the written sentences;
                 "nodes", the node each step arrives at ("brimpus"; see `step_node`), which
                 labels one latent step per hop with `data.steps: latent` and
-                `data.step_token: first`; or "reached" (items with ProsQA's graph), every node
-                within k hops of the root (the root included) after hop k = 0, 1, ..., until
-                nothing new is reached (see `reached_steps`), which labels each latent step
-                with a set of nodes with `data.step_token: set`.
+                `data.step_token: first`; "reached", every node within k hops of the root
+                (the root included) after hop k = 0, 1, ..., until nothing new is reached
+                (see `reached_steps`); or "backward", the nodes of a backward chaining from
+                the goals to the root, one hop a step (see `backward_steps`). The last two
+                need the item's graph (ProsQA items carry it; ProntoQA's is parsed from the
+                question, see `prontoqa_graph`) and label each latent step with a set of
+                nodes with `data.step_token: set`.
         """
         super().__init__(train_path, valid_path, test_path, max_examples)
-        if steps_as not in ("text", "nodes", "reached"):
-            raise ValueError(f"steps_as must be text, nodes or reached, got {steps_as!r}")
+        if steps_as not in ("text", "nodes", "reached", "backward"):
+            raise ValueError(f"steps_as must be text, nodes, reached or backward, got {steps_as!r}")
         self.steps_as = steps_as
 
     def parse_file(self, path: Path) -> list[Example]:
@@ -150,14 +255,25 @@ class CoconutJSON(FileTask):
         if self.steps_as == "nodes":
             return Example(example.question, tuple(step_node(s) for s in example.steps), example.answer)
         if self.steps_as == "reached":
-            return Example(example.question, reached_steps(item), example.answer)
+            return Example(example.question, reached_steps(self.graph(example, item)), example.answer)
+        if self.steps_as == "backward":
+            return Example(example.question, backward_steps(self.graph(example, item)), example.answer)
         return example
+
+    def graph(self, example: Example, item: dict[str, Any]) -> dict[str, Any]:
+        """The graph an item's question states, in ProsQA's item format (`edges`, `root`,
+        `idx_to_symbol`): the stored item itself, which must carry it."""
+        return item
 
 
 class ProntoQA(CoconutJSON):
     """ProntoQA 5-hop true/false deduction over a fictional ontology."""
 
     name = "prontoqa"
+
+    def graph(self, example: Example, item: dict[str, Any]) -> dict[str, Any]:
+        """The question's facts as a graph (see `prontoqa_graph`): items carry no graph."""
+        return prontoqa_graph(example.question)
 
 
 class ProsQA(CoconutJSON):
@@ -189,8 +305,8 @@ class ProsQA(CoconutJSON):
                 uses (e.g. the valid split: the public files share one small vocabulary);
                 None: the built-in lists. See `prosqa_vocabulary`.
             steps_as: the reasoning steps as written ("text"), as the nodes they reach
-                ("nodes") or as the nodes reached so far ("reached"), as for every Coconut JSON
-                task.
+                ("nodes"), as the nodes reached so far ("reached") or as a backward chaining
+                from the two options ("backward"), as for every Coconut JSON task.
         """
         super().__init__(train_path, valid_path, test_path, max_examples, steps_as)
         if n_generated < 1:
