@@ -396,15 +396,17 @@ def test_steps_as_backward_chains_from_the_goals_to_the_root(tmp_path: Path) -> 
     path = tmp_path / "p.json"
     path.write_text(json.dumps([item]))
     backward = ProsQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
-    # The two options, then what has a fact into them (Alex leads to the other option and drops
-    # out after it), until the step that names the root.
-    assert backward == Example("q", ("brimpus gorpus", "Alex terpus", "Tom"), "Tom is a brimpus.")
+    # The two options, then what has a fact into them with the goals it leads to (Alex leads to the
+    # other option and drops out after it), until the step that names the root and its goal only.
+    assert backward == Example("q", ("brimpus gorpus", "Alex terpus brimpus gorpus", "Tom brimpus"), "Tom is a brimpus.")
     for ex, gen in zip(ProsQA(n_generated=20, seed=5, steps_as="backward").examples("train"), generate_prosqa(20, 5)):
         names = gen["idx_to_symbol"]
-        assert ex.steps[0].split() == sorted([names[gen["target"]], names[gen["neg_target"]]], key=names.index)
-        assert names[gen["root"]] in ex.steps[-1].split()
+        options = sorted([names[gen["target"]], names[gen["neg_target"]]], key=names.index)
+        assert ex.steps[0].split() == options
+        assert ex.steps[-1].split() == [names[gen["root"]], names[gen["target"]]]  # the proof's conclusion
         assert len(ex.steps) == len(gen["steps"]) + 1  # the chain is a shortest one: found at its length
-        assert all(names[gen["root"]] not in step.split() for step in ex.steps[:-1])
+        for step in ex.steps[:-1]:
+            assert names[gen["root"]] not in step.split() and names[gen["target"]] in step.split()
     unlinked = tmp_path / "unlinked.json"
     unlinked.write_text(json.dumps([{**item, "target": 3, "neg_target": 5, "edges": [[1, 3], [2, 5]]}]))
     with pytest.raises(ValueError, match=r"unlinked\.json, item 0: .*no chain of facts leads from the root"):
@@ -439,21 +441,23 @@ def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_pat
     path = tmp_path / "p.json"
     path.write_text(json.dumps([{"question": PRONTO_QUESTION, "steps": ["Sally is a tumpus."], "answer": "True"}]))
     backward = ProntoQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
-    assert backward.steps == ("wumpus jompus", "Sally tumpus")  # Sally is a wumpus directly: found at step 1
+    assert backward.steps == ("wumpus jompus", "Sally wumpus")  # Sally is a wumpus directly: found at step 1
     reached = ProntoQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
     # Names in order of first mention (jompus is named before tumpus, by its property fact).
     assert reached.steps == ("Sally", "Sally wumpus tumpus", "Sally wumpus dumpus jompus tumpus",
                              "Sally wumpus dumpus impus jompus tumpus", "Sally wumpus dumpus impus rompus jompus tumpus")
     # On the real split, the backward chain is the written chain read from its end: written step k
-    # ("Alex is a tumpus. Tumpuses are gorpuses.") is at class k of 5, and backward step 4 - k names it.
+    # ("Alex is a tumpus. Tumpuses are gorpuses.") is at class k of 5, and backward step 4 - k names
+    # it; from step 1 on, every step also names the goal the chain leads to, the last written class.
     real = ProntoQA(valid_path=str(require(PRONTOQA_VALID)), steps_as="backward").examples("valid")
     written = ProntoQA(valid_path=str(require(PRONTOQA_VALID))).examples("valid")
     for ex, text in zip(real, written):
         person, classes = text.steps[0].split()[0], [step.split(".")[0].split()[-1] for step in text.steps[:5]]
-        assert len(ex.steps) == 6 and ex.steps[5] == person
-        assert len(ex.steps[0].split()) == 2  # the asked property is stated of two classes
-        for k, cls in enumerate(classes):
-            assert cls in ex.steps[4 - k].split()
+        assert len(ex.steps) == 6
+        assert len(ex.steps[0].split()) == 2 and classes[4] in ex.steps[0].split()  # the property's two classes
+        for k, cls in enumerate(classes[:4]):
+            assert sorted(ex.steps[4 - k].split()) == sorted({cls, classes[4]})
+        assert sorted(ex.steps[5].split()) == sorted([person, classes[4]])
 
 
 # ---------------------------------------------------------------------------

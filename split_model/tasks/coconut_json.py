@@ -113,16 +113,19 @@ def reached_steps(item: dict[str, Any]) -> tuple[str, ...]:
 
 
 def backward_steps(item: dict[str, Any]) -> tuple[str, ...]:
-    """Backward chaining over a graph item, one step per hop from the goals back to the root:
-    step 0 names the goals (ProsQA: the two options, `target` and `neg_target`; a parsed
-    ProntoQA question: the classes whose facts state the asked property, see
-    `prontoqa_graph`), step k every node with an edge into step k-1's nodes that no earlier
-    step named, until a step names the root (the proof is found). Each step's names are in
-    the order of `idx_to_symbol`, space-separated. A goal no edge leads to drops out at the
-    next step, so the steps narrow to the chain that links the root to its goal.
+    """Backward chaining over a graph item, one step per hop from the goals back to the root.
 
-    Root Tom with facts Tom -> terpus, terpus -> brimpus, and options brimpus and gorpus:
-    ("brimpus gorpus", "terpus", "Tom")."""
+    Step 0 names the goals (ProsQA: the two options, `target` and `neg_target`; a parsed
+    ProntoQA question: the classes whose facts state the asked property, see
+    `prontoqa_graph`). Step k names every node with an edge into step k-1's new nodes that no
+    earlier step named, each with the goals it leads to, until a node is the root: that last
+    step names the root and the goals it leads to (the proof's conclusion) and nothing else.
+    A goal nothing leads to drops out, so the steps narrow to the chains that link the root to
+    a goal, and every step says which goal its chains serve. Names are in the order of
+    `idx_to_symbol`, space-separated.
+
+    Root Tom with facts Tom -> terpus, terpus -> brimpus, Alex -> gorpus and options brimpus
+    and gorpus: ("brimpus gorpus", "Alex terpus brimpus gorpus", "Tom brimpus")."""
     missing = [key for key in ("edges", "root", "idx_to_symbol") if key not in item]
     if "goals" not in item and not ("target" in item and "neg_target" in item):
         missing.append("goals (or target and neg_target)")
@@ -135,15 +138,21 @@ def backward_steps(item: dict[str, Any]) -> tuple[str, ...]:
         parents: dict[int, set[int]] = {}
         for a, b in item["edges"]:
             parents.setdefault(int(b), set()).add(int(a))
-        frontier = {int(g) for g in goals}
-        seen = set(frontier)
-        steps = []
-        while frontier:
-            steps.append(" ".join(symbols[n] for n in sorted(frontier)))
-            if root in frontier:
-                return tuple(steps)
-            frontier = {p for n in frontier for p in parents.get(n, ())} - seen
-            seen |= frontier
+        leads_to = {int(g): {int(g)} for g in goals}  # the new nodes of the last step -> their goals
+        steps: list[str] = []
+        seen: set[int] = set()
+        while leads_to:
+            if root in leads_to:
+                return (*steps, " ".join(symbols[n] for n in sorted({root} | leads_to[root])))
+            served = set().union(*leads_to.values())
+            steps.append(" ".join(symbols[n] for n in sorted(set(leads_to) | served)))
+            seen |= set(leads_to)
+            new: dict[int, set[int]] = {}
+            for node, node_goals in leads_to.items():
+                for parent in parents.get(node, ()):
+                    if parent not in seen:
+                        new.setdefault(parent, set()).update(node_goals)
+            leads_to = new
     except (TypeError, ValueError, IndexError) as err:
         raise ValueError(f"steps_as='backward': the item's graph is malformed ({err})") from None
     raise ValueError("steps_as='backward': no chain of facts leads from the root to a goal")
