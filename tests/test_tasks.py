@@ -420,7 +420,7 @@ PRONTO_QUESTION = (
 )
 
 
-def test_prontoqa_graph_reads_every_fact_form() -> None:
+def test_prontoqa_graph_reads_every_fact_form(tmp_path: Path) -> None:
     graph = prontoqa_graph(PRONTO_QUESTION)
     names = graph["idx_to_symbol"]
     assert names[graph["root"]] == "Sally"
@@ -433,6 +433,12 @@ def test_prontoqa_graph_reads_every_fact_form() -> None:
         prontoqa_graph("Every wumpus is a dumpus. Is Sally luminous?")
     with pytest.raises(ValueError, match="none of the known forms: 'Sally likes wumpuses'"):
         prontoqa_graph("Sally likes wumpuses. True or false: Sally is luminous.")
+    both_ways = tmp_path / "both.json"
+    # Sally is a wumpus (not luminous) and a jompus (luminous): the facts prove both.
+    both = PRONTO_QUESTION.replace("Sally is a tumpus", "Sally is a jompus")
+    both_ways.write_text(json.dumps([{"question": both, "steps": [], "answer": "True"}]))
+    with pytest.raises(ValueError, match="both.json, item 0: the ProntoQA"):
+        ProntoQA(valid_path=str(both_ways), steps_as="backward").examples("valid")
     with pytest.raises(ValueError, match="states the asked property 'red'"):
         prontoqa_graph("Sally is a wumpus. Wumpuses are blue. True or false: Sally is red.")
 
@@ -441,7 +447,8 @@ def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_pat
     path = tmp_path / "p.json"
     path.write_text(json.dumps([{"question": PRONTO_QUESTION, "steps": ["Sally is a tumpus."], "answer": "True"}]))
     backward = ProntoQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
-    assert backward.steps == ("wumpus jompus", "Sally wumpus")  # Sally is a wumpus directly: found at step 1
+    # Sally is a wumpus directly: found at step 1; then the conclusion, by the wumpus fact's polarity.
+    assert backward.steps == ("wumpus jompus", "Sally wumpus", "Sally is not luminous")
     reached = ProntoQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
     # Names in order of first mention (jompus is named before tumpus, by its property fact).
     assert reached.steps == ("Sally", "Sally wumpus tumpus", "Sally wumpus dumpus jompus tumpus",
@@ -453,7 +460,10 @@ def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_pat
     written = ProntoQA(valid_path=str(require(PRONTOQA_VALID))).examples("valid")
     for ex, text in zip(real, written):
         person, classes = text.steps[0].split()[0], [step.split(".")[0].split()[-1] for step in text.steps[:5]]
-        assert len(ex.steps) == 6
+        assert len(ex.steps) == 7
+        assert ex.steps[6] == text.steps[-1].rstrip(".")  # the conclusion, as the written chain ends
+        query_negated = "not" in ex.question.split("True or false:")[1].split()
+        assert (("not" in ex.steps[6].split()) == query_negated) == (ex.answer == "True")
         assert len(ex.steps[0].split()) == 2 and classes[4] in ex.steps[0].split()  # the property's two classes
         for k, cls in enumerate(classes[:4]):
             assert sorted(ex.steps[4 - k].split()) == sorted({cls, classes[4]})

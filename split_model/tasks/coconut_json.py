@@ -182,18 +182,22 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
     every class (one member, lower case: "tumpus"); `edges` are the "is a" facts ("Alex is a
     tumpus.", "Every tumpus is a gorpus.", "Tumpuses are gorpuses."); `goals` are the classes
     whose property facts name the asked property ("Brimpuses are happy." or "Every lorpus is
-    not happy." for "True or false: Alex is happy."), either way round. A fact's object is a
+    not happy." for "True or false: Alex is happy."), either way round, with `goal_negated`
+    (per goal: its fact says "not") and `property` ("happy"). A fact's object is a
     class when it has an article ("is a", "is an") or, after "are", is a plural (it ends in
-    "s" but not in "us": "gorpuses", not "luminous"); otherwise it is a property. ValueError names a sentence that fits none of the forms."""
+    "s" but not in "us": "gorpuses", not "luminous"); otherwise it is a property. ValueError
+    names a sentence that fits none of the forms."""
     sentences = [s.strip() for s in question.split(".") if s.strip()]
     query = _PRONTO_QUERY.fullmatch(sentences[-1]) if sentences else None
     if query is None:
-        raise ValueError(f"a ProntoQA question ends with 'True or false: NAME is [not] PROPERTY.', got {question[-80:]!r}")
+        raise ValueError("a ProntoQA question ends with 'True or false: NAME is [not] PROPERTY.', "
+                         f"got {question[-80:]!r}")
     root, prop = query.group(1), query.group(3)
     symbols: list[str] = [root]
     index = {root: 0}
     edges: list[tuple[int, int]] = []
     goals: list[int] = []
+    negated: list[bool] = []  # per goal: its fact says "not"
 
     def node(name: str) -> int:
         if name not in index:
@@ -217,9 +221,11 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
             edges.append((node(subject), node(_singular(parts["object"]))))
         elif parts["object"] == prop:
             goals.append(node(subject))
+            negated.append(bool(parts["neg"]))
     if not goals:
         raise ValueError(f"no fact of the ProntoQA question states the asked property {prop!r}")
-    return {"idx_to_symbol": symbols, "edges": edges, "root": 0, "goals": goals}
+    return {"idx_to_symbol": symbols, "edges": edges, "root": 0, "goals": goals, "goal_negated": negated,
+            "property": prop}
 
 
 class CoconutJSON(FileTask):
@@ -283,6 +289,23 @@ class ProntoQA(CoconutJSON):
     def graph(self, example: Example, item: dict[str, Any]) -> dict[str, Any]:
         """The question's facts as a graph (see `prontoqa_graph`): items carry no graph."""
         return prontoqa_graph(example.question)
+
+    def _steps_view(self, example: Example, item: dict[str, Any]) -> Example:
+        """As for every Coconut JSON task; with steps_as="backward", one more step after the
+        proof: its conclusion, the person and the property with the polarity the fact of the
+        goal it reached gives ("Alex is not happy" after "... Alex brimpus", when the facts say
+        "Brimpuses are not happy."), so that the answer compares two statements it can read."""
+        view = super()._steps_view(example, item)
+        if self.steps_as != "backward":
+            return view
+        graph = self.graph(example, item)
+        names = graph["idx_to_symbol"]
+        reached = [n for n in view.steps[-1].split() if n != names[graph["root"]]]
+        negated = {graph["goal_negated"][graph["goals"].index(names.index(n))] for n in reached}
+        if len(negated) != 1:  # the facts state the property of the person both ways
+            raise ValueError(f"the ProntoQA question's facts prove both {graph['property']!r} and its negation")
+        conclusion = f"{names[graph['root']]} is {'not ' if negated.pop() else ''}{graph['property']}"
+        return Example(view.question, (*view.steps, conclusion), view.answer)
 
 
 class ProsQA(CoconutJSON):
