@@ -447,8 +447,9 @@ def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_pat
     path = tmp_path / "p.json"
     path.write_text(json.dumps([{"question": PRONTO_QUESTION, "steps": ["Sally is a tumpus."], "answer": "True"}]))
     backward = ProntoQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
-    # Sally is a wumpus directly: found at step 1; then the conclusion, by the wumpus fact's polarity.
-    assert backward.steps == ("wumpus jompus", "Sally wumpus", "Sally is not luminous")
+    # Sally is a wumpus directly: found at step 1; then the asked statement and the conclusion, by
+    # the wumpus fact's polarity.
+    assert backward.steps == ("wumpus jompus", "Sally wumpus", "Sally is luminous", "Sally is not luminous")
     reached = ProntoQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
     # Names in order of first mention (jompus is named before tumpus, by its property fact).
     assert reached.steps == ("Sally", "Sally wumpus tumpus", "Sally wumpus dumpus jompus tumpus",
@@ -460,10 +461,10 @@ def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_pat
     written = ProntoQA(valid_path=str(require(PRONTOQA_VALID))).examples("valid")
     for ex, text in zip(real, written):
         person, classes = text.steps[0].split()[0], [step.split(".")[0].split()[-1] for step in text.steps[:5]]
-        assert len(ex.steps) == 7
-        assert ex.steps[6] == text.steps[-1].rstrip(".")  # the conclusion, as the written chain ends
-        query_negated = "not" in ex.question.split("True or false:")[1].split()
-        assert (("not" in ex.steps[6].split()) == query_negated) == (ex.answer == "True")
+        assert len(ex.steps) == 8
+        assert ex.question.endswith(f"True or false: {ex.steps[6]}.")  # the asked statement
+        assert ex.steps[7] == text.steps[-1].rstrip(".")  # the conclusion, as the written chain ends
+        assert (ex.steps[6] == ex.steps[7]) == (ex.answer == "True")
         assert len(ex.steps[0].split()) == 2 and classes[4] in ex.steps[0].split()  # the property's two classes
         for k, cls in enumerate(classes[:4]):
             assert sorted(ex.steps[4 - k].split()) == sorted({cls, classes[4]})

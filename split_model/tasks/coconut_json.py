@@ -183,7 +183,7 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
     tumpus.", "Every tumpus is a gorpus.", "Tumpuses are gorpuses."); `goals` are the classes
     whose property facts name the asked property ("Brimpuses are happy." or "Every lorpus is
     not happy." for "True or false: Alex is happy."), either way round, with `goal_negated`
-    (per goal: its fact says "not") and `property` ("happy"). A fact's object is a
+    (per goal: its fact says "not"), `property` ("happy") and `asked` ("Alex is happy"). A fact's object is a
     class when it has an article ("is a", "is an") or, after "are", is a plural (it ends in
     "s" but not in "us": "gorpuses", not "luminous"); otherwise it is a property. ValueError
     names a sentence that fits none of the forms."""
@@ -225,7 +225,7 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
     if not goals:
         raise ValueError(f"no fact of the ProntoQA question states the asked property {prop!r}")
     return {"idx_to_symbol": symbols, "edges": edges, "root": 0, "goals": goals, "goal_negated": negated,
-            "property": prop}
+            "property": prop, "asked": sentences[-1].removeprefix("True or false:").strip()}
 
 
 class CoconutJSON(FileTask):
@@ -291,10 +291,14 @@ class ProntoQA(CoconutJSON):
         return prontoqa_graph(example.question)
 
     def _steps_view(self, example: Example, item: dict[str, Any]) -> Example:
-        """As for every Coconut JSON task; with steps_as="backward", one more step after the
-        proof: its conclusion, the person and the property with the polarity the fact of the
-        goal it reached gives ("Alex is not happy" after "... Alex brimpus", when the facts say
-        "Brimpuses are not happy."), so that the answer compares two statements it can read."""
+        """As for every Coconut JSON task; with steps_as="backward", two more steps after the
+        proof: the asked statement as the question puts it ("Alex is happy" for "True or false:
+        Alex is happy."), then the proof's conclusion, the person and the property with the
+        polarity of the reached goal's fact ("Alex is not happy" after "... Alex brimpus", when
+        the facts say "Brimpuses are not happy."). The answer is True when the two agree: it
+        compares two statements the reasoner has written in its own latent steps, where
+        without them it is the XOR of two polarities read from the question, with no gradient
+        towards either until the other is found."""
         view = super()._steps_view(example, item)
         if self.steps_as != "backward":
             return view
@@ -305,7 +309,7 @@ class ProntoQA(CoconutJSON):
         if len(negated) != 1:  # the facts state the property of the person both ways
             raise ValueError(f"the ProntoQA question's facts prove both {graph['property']!r} and its negation")
         conclusion = f"{names[graph['root']]} is {'not ' if negated.pop() else ''}{graph['property']}"
-        return Example(view.question, (*view.steps, conclusion), view.answer)
+        return Example(view.question, (*view.steps, graph["asked"], conclusion), view.answer)
 
 
 class ProsQA(CoconutJSON):
