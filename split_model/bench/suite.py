@@ -50,7 +50,7 @@ COT = ["--data.steps=text", "--data.latent_steps=0"]
 # task -> (config, overrides that select it, overrides of the cot variant or None: no written steps)
 TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "prosqa": ("prosqa.yaml", [], COT),
-    "prontoqa": ("prontoqa.yaml", [], COT),
+    "prontoqa": ("prontoqa.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),  # the config labels latent steps
     "icot_4x4": ("icot_mult_4x4.yaml", [], COT),
     "icot_5x5": ("icot_mult_5x5.yaml", [], COT),
     "gsm8k": ("gsm8k.yaml", [], COT),
