@@ -450,6 +450,12 @@ def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_pat
     # Sally is a wumpus directly: found at step 1; then the asked statement and the conclusion, by
     # the wumpus fact's polarity.
     assert backward.steps == ("wumpus jompus", "Sally wumpus", "Sally is luminous", "Sally is not luminous")
+    # A fact about the person herself is a goal reached at once.
+    direct = PRONTO_QUESTION.replace("Sally is a tumpus", "Sally is not luminous")
+    path.write_text(json.dumps([{"question": direct, "steps": [], "answer": "False"}]))
+    assert ProntoQA(valid_path=str(path), steps_as="backward").examples("valid")[0].steps == (
+        "Sally", "Sally is luminous", "Sally is not luminous")
+    path.write_text(json.dumps([{"question": PRONTO_QUESTION, "steps": ["Sally is a tumpus."], "answer": "True"}]))
     reached = ProntoQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
     # Names in order of first mention (jompus is named before tumpus, by its property fact).
     assert reached.steps == ("Sally", "Sally wumpus tumpus", "Sally wumpus dumpus jompus tumpus",

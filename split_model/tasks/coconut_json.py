@@ -126,6 +126,11 @@ def backward_steps(item: dict[str, Any]) -> tuple[str, ...]:
 
     Root Tom with facts Tom -> terpus, terpus -> brimpus, Alex -> gorpus and options brimpus
     and gorpus: ("brimpus gorpus", "Alex terpus brimpus gorpus", "Tom brimpus")."""
+    return _backward_chain(item)[0]
+
+
+def _backward_chain(item: dict[str, Any]) -> tuple[tuple[str, ...], set[int]]:
+    """`backward_steps` and the indices of the goals the root leads to."""
     missing = [key for key in ("edges", "root", "idx_to_symbol") if key not in item]
     if "goals" not in item and not ("target" in item and "neg_target" in item):
         missing.append("goals (or target and neg_target)")
@@ -143,7 +148,7 @@ def backward_steps(item: dict[str, Any]) -> tuple[str, ...]:
         seen: set[int] = set()
         while leads_to:
             if root in leads_to:
-                return (*steps, " ".join(symbols[n] for n in sorted({root} | leads_to[root])))
+                return (*steps, " ".join(symbols[n] for n in sorted({root} | leads_to[root]))), leads_to[root]
             served = set().union(*leads_to.values())
             steps.append(" ".join(symbols[n] for n in sorted(set(leads_to) | served)))
             seen |= set(leads_to)
@@ -183,10 +188,10 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
     tumpus.", "Every tumpus is a gorpus.", "Tumpuses are gorpuses."); `goals` are the classes
     whose property facts name the asked property ("Brimpuses are happy." or "Every lorpus is
     not happy." for "True or false: Alex is happy."), either way round, with `goal_negated`
-    (per goal: its fact says "not"), `property` ("happy") and `asked` ("Alex is happy"). A fact's object is a
-    class when it has an article ("is a", "is an") or, after "are", is a plural (it ends in
-    "s" but not in "us": "gorpuses", not "luminous"); otherwise it is a property. ValueError
-    names a sentence that fits none of the forms."""
+    (per goal: its fact says "not"), `property` ("happy") and `asked` ("Alex is happy").
+    A fact's object is a class when it has an article ("is a", "is an") or, after "are", is
+    a plural (it ends in "s" but not in "us": "gorpuses", not "luminous"); otherwise it is a
+    property. ValueError names a sentence that fits none of the forms."""
     sentences = [s.strip() for s in question.split(".") if s.strip()]
     query = _PRONTO_QUERY.fullmatch(sentences[-1]) if sentences else None
     if query is None:
@@ -299,17 +304,16 @@ class ProntoQA(CoconutJSON):
         compares two statements the reasoner has written in its own latent steps, where
         without them it is the XOR of two polarities read from the question, with no gradient
         towards either until the other is found."""
-        view = super()._steps_view(example, item)
         if self.steps_as != "backward":
-            return view
+            return super()._steps_view(example, item)
         graph = self.graph(example, item)
-        names = graph["idx_to_symbol"]
-        reached = [n for n in view.steps[-1].split() if n != names[graph["root"]]]
-        negated = {graph["goal_negated"][graph["goals"].index(names.index(n))] for n in reached}
+        steps, reached = _backward_chain(graph)
+        negated = {neg for goal, neg in zip(graph["goals"], graph["goal_negated"]) if goal in reached}
         if len(negated) != 1:  # the facts state the property of the person both ways
             raise ValueError(f"the ProntoQA question's facts prove both {graph['property']!r} and its negation")
-        conclusion = f"{names[graph['root']]} is {'not ' if negated.pop() else ''}{graph['property']}"
-        return Example(view.question, (*view.steps, graph["asked"], conclusion), view.answer)
+        person = graph["idx_to_symbol"][graph["root"]]
+        conclusion = f"{person} is {'not ' if negated.pop() else ''}{graph['property']}"
+        return Example(example.question, (*steps, graph["asked"], conclusion), example.answer)
 
 
 class ProsQA(CoconutJSON):
