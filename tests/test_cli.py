@@ -229,6 +229,7 @@ TEST_FILES = {"prosqa.yaml": "prosqa/prosqa_test.json", "prontoqa.yaml": "pronto
 def test_benchmark_configs_name_the_original_test_files_and_say_when_they_are_missing(tiny, config, tmp_path,
                                                                                        monkeypatch):
     import importlib
+    import json
 
     from omegaconf import OmegaConf
 
@@ -240,7 +241,12 @@ def test_benchmark_configs_name_the_original_test_files_and_say_when_they_are_mi
     with pytest.raises(FileNotFoundError, match=f"test file not found: {want}"):
         task.examples("test")
     want.parent.mkdir(parents=True)
-    if want.suffix == ".json":
+    if config == "prontoqa.yaml":  # its latent steps are labelled from the question's facts: a real ProntoQA form
+        want.write_text(json.dumps([{"question": "Every wumpus is a dumpus. Dumpuses are not red. Every tumpus is red. "
+                                                 "Sally is a wumpus. True or false: Sally is red.",
+                                     "steps": ["Sally is a wumpus. Every wumpus is a dumpus.", "Sally is not red."],
+                                     "answer": "False"}]))
+    elif want.suffix == ".json":
         want.write_text('[{"question": "Is a b?", "steps": ["a is c.", "c is b."], "answer": "yes"}]')
     else:
         want.write_text("1 2 3 4 * 5 6 7 8||5 1 7 0 2 #### 5 7 8 5 2 7 0 1\n")
