@@ -443,7 +443,7 @@ def test_prontoqa_graph_reads_every_fact_form(tmp_path: Path) -> None:
         prontoqa_graph("Sally is a wumpus. Wumpuses are blue. True or false: Sally is red.")
 
 
-def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_path: Path) -> None:
+def test_prontoqa_steps_as_backward_and_reached(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     path.write_text(json.dumps([{"question": PRONTO_QUESTION, "steps": ["Sally is a tumpus."], "answer": "True"}]))
     backward = ProntoQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
@@ -460,6 +460,9 @@ def test_prontoqa_steps_as_backward_and_reached_follow_the_written_chain(tmp_pat
     # Names in order of first mention (jompus is named before tumpus, by its property fact).
     assert reached.steps == ("Sally", "Sally wumpus tumpus", "Sally wumpus dumpus jompus tumpus",
                              "Sally wumpus dumpus impus jompus tumpus", "Sally wumpus dumpus impus rompus jompus tumpus")
+
+
+def test_prontoqa_backward_steps_on_the_real_split_follow_the_written_chain_from_its_end() -> None:
     # On the real split, the backward chain is the written chain read from its end: written step k
     # ("Alex is a tumpus. Tumpuses are gorpuses.") is at class k of 5, and backward step 4 - k names
     # it; from step 1 on, every step also names the goal the chain leads to, the last written class.
