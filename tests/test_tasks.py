@@ -357,11 +357,15 @@ def test_steps_as_nodes_keeps_the_node_each_hop_reaches(tmp_path: Path) -> None:
         ProntoQA(steps_as="words")
 
 
+# Tom(0) -> terpus(2) -> brimpus(4) (the answer) -> lempus(5), Tom -> dumpus(3);
+# Alex(1) -> gorpus(6) (the other option). Tests copy it ({**PROSQA_ITEM, ...}), never change it.
+PROSQA_ITEM = {"question": "q", "steps": ["Tom is a terpus.", "Every terpus is a brimpus."], "answer": "Tom is a brimpus.",
+               "idx_to_symbol": ["Tom", "Alex", "terpus", "dumpus", "brimpus", "lempus", "gorpus"],
+               "edges": [[4, 5], [0, 2], [1, 6], [2, 4], [0, 3]], "root": 0, "target": 4, "neg_target": 6}
+
+
 def test_steps_as_reached_lists_every_node_within_k_hops_until_the_search_ends(tmp_path: Path) -> None:
-    # Tom(0) -> terpus(2), Tom -> dumpus(3), terpus -> brimpus(4), brimpus -> lempus(5); Alex(1) -> gorpus(6)
-    item = {"question": "q", "steps": ["Tom is a terpus.", "Every terpus is a brimpus."], "answer": "Tom is a brimpus.",
-            "idx_to_symbol": ["Tom", "Alex", "terpus", "dumpus", "brimpus", "lempus", "gorpus"],
-            "edges": [[4, 5], [0, 2], [1, 6], [2, 4], [0, 3]], "root": 0, "target": 4, "neg_target": 6}
+    item = PROSQA_ITEM
     path = tmp_path / "p.json"
     path.write_text(json.dumps([item]))
     reached = ProsQA(valid_path=str(path), steps_as="reached").examples("valid")[0]
@@ -389,10 +393,7 @@ def test_steps_as_reached_lists_every_node_within_k_hops_until_the_search_ends(t
 
 
 def test_steps_as_backward_chains_from_the_goals_to_the_root(tmp_path: Path) -> None:
-    # Tom(0) -> terpus(2) -> brimpus(4) (the answer), Tom -> dumpus(3); Alex(1) -> gorpus(6) (the other option)
-    item = {"question": "q", "steps": ["Tom is a terpus.", "Every terpus is a brimpus."], "answer": "Tom is a brimpus.",
-            "idx_to_symbol": ["Tom", "Alex", "terpus", "dumpus", "brimpus", "lempus", "gorpus"],
-            "edges": [[4, 5], [0, 2], [1, 6], [2, 4], [0, 3]], "root": 0, "target": 4, "neg_target": 6}
+    item = PROSQA_ITEM
     path = tmp_path / "p.json"
     path.write_text(json.dumps([item]))
     backward = ProsQA(valid_path=str(path), steps_as="backward").examples("valid")[0]
