@@ -249,7 +249,7 @@ def test_benchmark_configs_name_the_original_test_files_and_say_when_they_are_mi
     elif want.suffix == ".json":
         want.write_text('[{"question": "Is a b?", "steps": ["a is c.", "c is b."], "answer": "yes"}]')
     else:
-        want.write_text("1 2 3 4 * 5 6 7 8||5 1 7 0 2 #### 5 7 8 5 2 7 0 1\n")
+        want.write_text("1 2 3 4 * 5 6 7 8||5 1 7 0 2 #### 5 6 5 3 7 8 7 3\n")  # 4321 * 8765: the configs check it
     assert len(task.examples("test")) == 1  # present: read like any split (and scored by the same step as valid)
 
 

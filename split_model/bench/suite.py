@@ -51,8 +51,8 @@ COT = ["--data.steps=text", "--data.latent_steps=0"]
 TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "prosqa": ("prosqa.yaml", [], COT),
     "prontoqa": ("prontoqa.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),  # the config labels latent steps
-    "icot_4x4": ("icot_mult_4x4.yaml", [], COT),
-    "icot_5x5": ("icot_mult_5x5.yaml", [], COT),
+    "icot_4x4": ("icot_mult_4x4.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),  # the file's partial products
+    "icot_5x5": ("icot_mult_5x5.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),
     "gsm8k": ("gsm8k.yaml", [], COT),
     **{f"gym_{name}": ("reasoning_gym.yaml",
                        [f"--data.task.init_args.dataset={name}", f"--data.task.init_args.config={json.dumps(cfg)}"], None)

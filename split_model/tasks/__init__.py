@@ -19,7 +19,7 @@ from split_model.tasks.coconut_json import (
     prosqa_vocabulary,
     write_prosqa,
 )
-from split_model.tasks.icot import GSM8K, IcotMultiplication
+from split_model.tasks.icot import GSM8K, IcotMultiplication, column_steps, column_totals
 from split_model.tasks.reasoning_gym import ReasoningGym
 from split_model.tasks.state_tracking import StateTracking
 from split_model.tasks.world import CITIES, KnowledgeWorld, World, WorldConfig, chance_accuracy, write_world
@@ -45,6 +45,8 @@ __all__ = [
     "FileTask",
     "GSM8K",
     "IcotMultiplication",
+    "column_steps",
+    "column_totals",
     "KnowledgeWorld",
     "ProntoQA",
     "ProsQA",

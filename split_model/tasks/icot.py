@@ -6,15 +6,20 @@ space-separated digits, least-significant digit first:
     5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + ... #### 5 5 6 0 8 2 0 1
 
 The chain of thought is a sum of partial products (with running sums in
-parentheses); each ` + `-separated term becomes one reasoning step.
+parentheses); each ` + `-separated term becomes one reasoning step. With
+`steps_as="columns"` the steps are instead long multiplication done column by
+column, one digit product a step (see `column_steps`).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from split_model.tasks.base import Example, FileTask
+
+IcotStepsAs = Literal["text", "columns"]
 
 
 def parse_icot_line(line: str) -> Example:
@@ -62,13 +67,86 @@ def read_icot_file(path: Path, parse=parse_icot_line) -> list[Example]:
     return examples
 
 
+def _digits(number: str) -> list[int]:
+    parts = number.split()
+    if not parts or not all(len(p) == 1 and p.isdigit() for p in parts):
+        raise ValueError(f"expected space-separated digits, got {number!r}")
+    return [int(p) for p in parts]
+
+
+def column_totals(question: str) -> list[list[int]]:
+    """Long multiplication column by column, for "a0 a1 ... * b0 b1 ..." (least-significant
+    digit first): per column k of the product, the running total after each digit product
+    a_i * b_(k-i) (i ascending), the first one including the carry from column k-1 (its
+    total // 10). The last column has no product: its one total is the carry out of the one
+    before. The units digit of each column's last total is the product's digit k; there are
+    len(a) + len(b) columns, as many as the product's digits in this format."""
+    if question.count("*") != 1:
+        raise ValueError(f"expected 'DIGITS * DIGITS', got {question!r}")
+    a, b = map(_digits, question.split("*"))
+    columns, carry = [], 0
+    for k in range(len(a) + len(b)):
+        total, column = carry, []
+        for i in range(max(0, k - len(b) + 1), min(k, len(a) - 1) + 1):
+            total += a[i] * b[k - i]
+            column.append(total)
+        columns.append(column or [total])
+        carry = total // 10
+    return columns
+
+
+def column_steps(question: str) -> tuple[str, ...]:
+    """The steps of `column_totals`, one per running total, each written as its tens and its
+    units digit, "340 7" for 347 ("0 7" for 7): with `data.step_token: set` a latent step is
+    labelled with those two tokens (every total up to 999 is one of a few hundred sets, and no
+    two totals share one), so the whole total, carry included, is named at every step without
+    a multi-digit token. 4 x 4 digits give 17 steps, 5 x 5 give 26."""
+    return tuple(f"{t - t % 10} {t % 10}" for column in column_totals(question) for t in column)
+
+
 class IcotMultiplication(FileTask):
     """N x N digit multiplication with a long-multiplication chain of thought."""
 
     name = "icot_multiplication"
 
+    def __init__(
+        self,
+        train_path: str | None = None,
+        valid_path: str | None = None,
+        test_path: str | None = None,
+        max_examples: int | None = None,
+        steps_as: IcotStepsAs = "text",
+    ) -> None:
+        """Point each split at an ICoT file.
+
+        Args:
+            train_path: file with the train split.
+            valid_path: file with the valid split.
+            test_path: file with the test split.
+            max_examples: keep only the first this many examples of each split (None: all).
+            steps_as: the reasoning steps: "text", the file's partial products and running
+                sums, one ` + `-separated term a step; or "columns", long multiplication
+                column by column, one digit product a step, each named by the column's
+                running total, carry included (see `column_steps`), which labels one latent
+                step per product with `data.steps: latent` and `data.step_token: set`.
+        """
+        super().__init__(train_path, valid_path, test_path, max_examples)
+        if steps_as not in ("text", "columns"):
+            raise ValueError(f"steps_as must be text or columns, got {steps_as!r}")
+        self.steps_as = steps_as
+
     def parse_file(self, path: Path) -> list[Example]:
-        return read_icot_file(path)
+        return read_icot_file(path, self._parse_line)
+
+    def _parse_line(self, line: str) -> Example:
+        ex = parse_icot_line(line)
+        if self.steps_as == "text":
+            return ex
+        product = [column[-1] % 10 for column in column_totals(ex.question)]
+        if product != _digits(ex.answer):
+            raise ValueError(f"the answer {ex.answer!r} is not the product, "
+                             f"{' '.join(map(str, product))} (least-significant digit first)")
+        return Example(ex.question, column_steps(ex.question), ex.answer)
 
 
 class GSM8K(FileTask):
