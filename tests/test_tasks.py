@@ -183,6 +183,7 @@ def test_icot_columns_are_long_multiplication_column_by_column(tmp_path: Path) -
     steps = column_steps("7 6 9 2 * 1 6 3 6")
     assert len(steps) == 17 and steps[:3] == ("0 7", "40 2", "40 8")
     assert column_steps("0 * 0") == ("0 0", "0 0")
+    assert column_steps("9 * 9 9") == ("80 1", "80 9", "0 8")  # 99 * 9 = 891: a carry of 8 twice
     path = tmp_path / "valid.txt"
     path.write_text(ICOT_LINES)
     plain = IcotMultiplication(valid_path=str(path)).examples("valid")
@@ -217,7 +218,6 @@ def test_icot_column_labels_name_every_total_up_to_779_with_minilm() -> None:
     fmt = Formatter(tok, steps="latent", step_token="set")
     totals = list(range(780))
     steps = [f"{t - t % 10} {t % 10}" for t in totals]  # as column_steps writes them
-    assert column_steps("9 * 9 9") == ("80 1", "80 9", "0 8")  # 99 * 9 = 891
     labels = [s for s in fmt.encode(Example("1 * 1", tuple(steps), "1")).label_sets if s]
     assert len(labels) == len(totals)
     assert [len(label) for label in labels] == [1] + [2] * (len(totals) - 1)

@@ -98,9 +98,11 @@ def column_totals(question: str) -> list[list[int]]:
 def column_steps(question: str) -> tuple[str, ...]:
     """The steps of `column_totals`, one per running total, each written as its tens and its
     units digit, "340 7" for 347 ("0 7" for 7): with `data.step_token: set` a latent step is
-    labelled with those two tokens (every total up to 999 is one of a few hundred sets, and no
-    two totals share one), so the whole total, carry included, is named at every step without
-    a multi-digit token. 4 x 4 digits give 17 steps, 5 x 5 give 26."""
+    labelled with those two tokens, so the whole total, carry included, is named at every step
+    without a multi-digit token. No two totals share a set when the memory's tokenizer writes
+    each multiple of ten as one token (MiniLM's does up to 780; the largest total in the 4x4
+    and 5x5 training files is 312 and 383); one that splits numbers into digits (SmolLM2's)
+    gives 37 and 73 the same set. 4 x 4 digits give 17 steps, 5 x 5 give 26."""
     return tuple(f"{t - t % 10} {t % 10}" for column in column_totals(question) for t in column)
 
 
