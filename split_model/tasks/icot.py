@@ -103,7 +103,11 @@ def column_steps(question: str) -> tuple[str, ...]:
     each multiple of ten as one token (MiniLM's does up to 780; the largest total in the 4x4
     and 5x5 training files is 312 and 383); one that splits numbers into digits (SmolLM2's)
     gives 37 and 73 the same set. 4 x 4 digits give 17 steps, 5 x 5 give 26."""
-    return tuple(f"{t - t % 10} {t % 10}" for column in column_totals(question) for t in column)
+    return _written(column_totals(question))
+
+
+def _written(columns: list[list[int]]) -> tuple[str, ...]:
+    return tuple(f"{t - t % 10} {t % 10}" for column in columns for t in column)
 
 
 class IcotMultiplication(FileTask):
@@ -144,11 +148,12 @@ class IcotMultiplication(FileTask):
         ex = parse_icot_line(line)
         if self.steps_as == "text":
             return ex
-        product = [column[-1] % 10 for column in column_totals(ex.question)]
+        columns = column_totals(ex.question)
+        product = [column[-1] % 10 for column in columns]
         if product != _digits(ex.answer):
             raise ValueError(f"the answer {ex.answer!r} is not the product, "
                              f"{' '.join(map(str, product))} (least-significant digit first)")
-        return Example(ex.question, column_steps(ex.question), ex.answer)
+        return Example(ex.question, _written(columns), ex.answer)
 
 
 class GSM8K(FileTask):
