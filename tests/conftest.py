@@ -7,6 +7,7 @@ through the `tiny` fixture: `tiny.memory("gpt2")`, `tiny.module(memory)`, `tiny.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +35,22 @@ def pytest_configure(config):
                     ".*isinstance.treespec, LeafSpec", "does not have many workers",
                     "Checkpoint directory .* exists and is not empty"):
         config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
+
+
+_SEED_ENVIRONMENT = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+
+
+@pytest.fixture(autouse=True)
+def _seed_environment_restored():
+    """Lightning's seed_everything (a CLI fit, with the config's seed) writes PL_GLOBAL_SEED,
+    which seeds the data order of every later fit in the process: after each test it is as
+    the session began, so no test's outcome depends on which tests ran before it."""
+    yield
+    for key, value in _SEED_ENVIRONMENT.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -79,3 +79,87 @@ def test_a_batch_with_no_scorable_label_has_zero_loss_not_nan(fitted):
     batch["labels"] = torch.where(batch["labels"] == -100, batch["labels"], torch.full_like(batch["labels"], 7))
     loss, acc, _ = module._forward(batch)
     assert float(loss) == 0.0 and float(acc) == 0.0
+
+
+def test_fit_keeps_only_the_embedding_rows_the_reasoner_reads_and_writes(fitted, tiny):
+    module, _, path = fitted
+    tok, emb = module.memory.tokenizer, module.reasoner.embed
+    kept = sorted(set(module.reasoner.output_ids.tolist()) | {tok.bos_id, tok.eos_id, tok.pad_id})
+    assert emb.kept_ids().tolist() == kept
+    assert emb.table.shape == (len(kept) + 1, 8)  # plus the row every other id reads
+    full = task_vocab_module(tiny, tiny.memory("bert"))
+    dropped = (emb.vocab_size - len(kept) - 1) * 8
+    assert sum(p.numel() for p in full.reasoner.parameters()) - sum(p.numel() for p in module.reasoner.parameters()) == dropped
+    loaded = load_checkpoint(path)
+    assert loaded.reasoner.embed.kept_ids().tolist() == kept
+    torch.testing.assert_close(loaded.reasoner.embed.table, emb.table)
+
+
+def _batch(tiny, module, root):
+    dm = tiny.data(module, root)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm, next(iter(dm.train_dataloader()))
+
+
+def test_keeping_rows_changes_neither_the_loss_nor_the_gradients(tiny, tmp_path):
+    """What a task vocabulary trains is the same with the whole table and with its kept rows:
+    the same loss, and the same gradient on every parameter and on every kept row."""
+    modules = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        module = task_vocab_module(tiny, tiny.memory("bert"))
+        dm, batch = _batch(tiny, module, tmp_path / "cache")
+        module.reasoner.set_output_vocab(dm.target_token_ids())
+        if keep:
+            module.reasoner.keep_rows(module.special_ids())
+        loss, _, _ = module._forward(batch)
+        loss.backward()
+        modules.append((module, loss))
+    (full, loss_full), (kept, loss_kept) = modules
+    torch.testing.assert_close(loss_kept, loss_full)
+    ids = kept.reasoner.embed.kept_ids()
+    torch.testing.assert_close(kept.reasoner.embed.table.grad[:-1], full.reasoner.embed.table.grad[ids])
+    assert float(kept.reasoner.embed.table.grad[-1].abs().max()) == 0.0  # no input reads the shared row
+    grads = {n: p.grad for n, p in full.reasoner.named_parameters() if n != "embed.table"}
+    for name, p in kept.reasoner.named_parameters():
+        if name != "embed.table":
+            torch.testing.assert_close(p.grad, grads[name], msg=name)
+
+
+def test_ids_without_a_row_read_the_shared_one_and_keeping_again_adds_rows(tiny):
+    module = task_vocab_module(tiny, tiny.memory("llama"))
+    emb = module.reasoner.embed
+    before = emb.table.detach().clone()
+    emb.keep(torch.tensor([5, 3, 9]))
+    assert emb.kept_ids().tolist() == [3, 5, 9]
+    torch.testing.assert_close(emb.table[:3], before[[3, 5, 9]])
+    torch.testing.assert_close(emb.table[3], before.mean(0))
+    out = emb(torch.tensor([3, 4, 100]))
+    torch.testing.assert_close(out[0], before[3] @ emb.up.T)
+    torch.testing.assert_close(out[1], out[2])  # neither 4 nor 100 is kept: both read the shared row
+    torch.testing.assert_close(out[1], before.mean(0) @ emb.up.T)
+    emb.keep(torch.tensor([3, 9, 11]))  # 5 dropped, 11 new
+    assert emb.kept_ids().tolist() == [3, 9, 11]
+    torch.testing.assert_close(emb.table[:2], before[[3, 9]])
+    offset = float((emb.table[2] - before.mean(0)).norm())
+    assert 0 < offset < 0.5  # starts near the shared row, distinct from it
+    with pytest.raises(ValueError, match="no row"):
+        module.reasoner.set_output_vocab(torch.tensor([3, 5]))
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        module.reasoner.set_output_vocab(None)
+
+
+def test_a_whole_table_checkpoint_loads_into_a_reasoner_that_keeps_rows(tiny):
+    torch.manual_seed(0)
+    old = task_vocab_module(tiny, tiny.memory("llama"))
+    ids = torch.tensor([3, 48, 49, 258])
+    old.reasoner.set_output_vocab(ids)
+    new = task_vocab_module(tiny, tiny.memory("llama"))
+    new.reasoner.set_output_vocab(ids)
+    new.reasoner.keep_rows([1, 2])
+    new.load_state_dict(old.state_dict())
+    kept = new.reasoner.embed.kept_ids()
+    torch.testing.assert_close(new.reasoner.embed.table[:-1], old.reasoner.embed.table[kept])
+    hidden = torch.randn(2, 3, 32)
+    torch.testing.assert_close(new.reasoner.logits(hidden), old.reasoner.logits(hidden))

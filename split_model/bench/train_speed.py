@@ -92,6 +92,7 @@ def build(name: str, memory, device: torch.device, batches: int):
     if module.hparams.output_vocab == "task":
         module.reasoner.set_output_vocab(sorted({t for s in data.sequences for t in s.labels if t >= 0}
                                                 | {memory.tokenizer.eos_id}))
+        module.reasoner.keep_rows(module.special_ids())  # as fit does: the embedding keeps only these rows
     on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loaded]
     return module.to(device), on_device, tokens, seconds, data_cfg, model_cfg
 

@@ -299,6 +299,12 @@ class FactorisedEmbedding(nn.Module):
     padding rows, which no token uses, take no part; ids the backbone has no row for
     (V' < V, tokens added to the tokenizer) start at the mean row plus small random offsets
     (norm ~0.1 against ~1 for the others), so that they differ from each other.
+
+    `keep(ids)` drops every row but those of `ids` (a task's output vocabulary and the
+    special tokens the reasoner reads): a reasoner that reads and writes a few dozen tokens
+    then holds a few dozen rows, not 30-50k rows that no input reads and no gradient reaches.
+    Ids are still token ids; `rows` maps them to rows, and every id not kept reads one shared
+    row (the last), so an unexpected input is one well-defined vector, never another token's.
     """
 
     def __init__(self, vocab_size: int, cfg: ReasonerConfig, init_from: torch.Tensor | None = None):
@@ -310,14 +316,63 @@ class FactorisedEmbedding(nn.Module):
             table = _pca_table(init_from[:vocab_size], r)
             if table.shape[0] < vocab_size:
                 table = torch.cat([table, _extra_rows(table, vocab_size - table.shape[0])])
+        self.vocab_size = vocab_size
         self.table = nn.Parameter(table)
         self.up = nn.Parameter(torch.randn(cfg.d_model, r) / cfg.d_model**0.5)  # (d, r)
+        # (V,) token id -> row of `table` once rows are dropped (see keep); None: row = id.
+        self.register_buffer("rows", None, persistent=False)
+
+    def index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> rows of `table`."""
+        return ids if self.rows is None else self.rows[ids]
+
+    def kept_ids(self) -> torch.Tensor | None:
+        """The token ids with a row of their own (sorted), or None while every id has one."""
+        if self.rows is None:
+            return None
+        return (self.rows < self.table.shape[0] - 1).nonzero().squeeze(1)
+
+    def keep(self, ids) -> None:
+        """Keep the rows of these token ids only, plus the shared row every other id reads.
+
+        On a full table the shared row starts as the mean row. On a table already reduced,
+        an id that had no row of its own starts from the shared row plus a small offset
+        (norm ~0.1, from a private generator), as ids the backbone has no row for do.
+        Values are copied, so the function over the kept ids is unchanged; the parameter is
+        replaced, so keep before an optimizer is built over it."""
+        ids = torch.as_tensor(ids, dtype=torch.long).unique(sorted=True)
+        if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"embedding rows to keep must be non-empty ids in 0..{self.vocab_size - 1}")
+        ids = ids.to(self.table.device)
+        with torch.no_grad():
+            if self.rows is None:
+                kept, shared = self.table[ids], self.table.mean(0, keepdim=True)
+            else:
+                at, shared = self.rows[ids], self.table[-1:]
+                new = at == self.table.shape[0] - 1
+                kept = self.table[at].clone()
+                if new.any():
+                    kept[new] = _extra_rows(shared, int(new.sum()))
+            table = torch.cat([kept, shared]).contiguous()
+        self.table = nn.Parameter(table, requires_grad=self.table.requires_grad)
+        rows = torch.full((self.vocab_size,), len(ids), dtype=torch.long, device=ids.device)
+        rows[ids] = torch.arange(len(ids), device=ids.device)
+        self.rows = rows
+
+    def reduce(self, table: torch.Tensor) -> torch.Tensor:
+        """A full (V, r) table (a checkpoint from before rows were dropped) -> this
+        embedding's rows: the kept ids' rows and their mean as the shared row."""
+        ids = self.kept_ids()
+        if ids is None or table.shape[0] != self.vocab_size:
+            return table
+        return torch.cat([table[ids.to(table.device)], table.mean(0, keepdim=True)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table[ids] @ self.up.T  # (..., r) -> (..., d)
+        return self.table[self.index(ids)] @ self.up.T  # (..., r) -> (..., d)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return (h @ self.up) @ self.table.T  # (..., d) -> (..., r) -> (..., V)
+        table = self.table if self.rows is None else self.table[self.rows]
+        return (h @ self.up) @ table.T  # (..., d) -> (..., r) -> (..., V)
 
 
 def _extra_rows(table: torch.Tensor, n: int) -> torch.Tensor:

@@ -151,10 +151,27 @@ class Reasoner(nn.Module):
         """
         if ids is not None:
             ids = torch.as_tensor(ids, dtype=torch.long).unique(sorted=True)
-            if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.embed.table.shape[0]:
-                raise ValueError(f"output vocabulary must be non-empty ids in 0..{self.embed.table.shape[0] - 1}")
+            if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.embed.vocab_size:
+                raise ValueError(f"output vocabulary must be non-empty ids in 0..{self.embed.vocab_size - 1}")
             ids = ids.to(self.embed.table.device)
+            kept = self.embed.kept_ids()
+            if kept is not None and not torch.isin(ids, kept).all():
+                missing = ids[~torch.isin(ids, kept)].tolist()
+                raise ValueError(f"output vocabulary: token ids {missing[:8]} have no row in the reasoner's embedding "
+                                 f"(it keeps {len(kept)} ids); keep them first (embed.keep)")
+        elif self.embed.rows is not None:
+            raise ValueError("the reasoner's embedding keeps only some ids' rows: it cannot score the whole vocabulary")
         self.output_ids = ids
+
+    def keep_rows(self, extra_ids=()) -> None:
+        """Drop the embedding rows of every id outside the output vocabulary and `extra_ids`
+        (the special tokens the reasoner reads, e.g. bos): see FactorisedEmbedding.keep.
+        Training and generation compute what they computed before; the reasoner has fewer
+        parameters and its backward pass no dense (V, r) table gradient."""
+        if self.output_ids is None:
+            raise ValueError("keep_rows needs an output vocabulary (set_output_vocab) first")
+        extra = torch.as_tensor(list(extra_ids), dtype=torch.long, device=self.output_ids.device)
+        self.embed.keep(torch.cat([self.output_ids, extra]))
 
     def probe_inputs(self, x: torch.Tensor) -> None:
         """Hand the gradient of the steps' inputs x (B, T, d) to `input_grad_hook` when one is
@@ -211,7 +228,7 @@ class Reasoner(nn.Module):
         """(..., d) -> (..., V), or (..., K) over output_ids when an output vocabulary is set."""
         if self.output_ids is None:
             return self.embed.logits(hidden)
-        return (hidden @ self.embed.up) @ self.embed.table[self.output_ids].T
+        return (hidden @ self.embed.up) @ self.embed.table[self.embed.index(self.output_ids)].T
 
     def token_ids(self, index: torch.Tensor) -> torch.Tensor:
         """Positions in the logits -> token ids."""
@@ -261,7 +278,7 @@ class Reasoner(nn.Module):
             return self._out(hidden, return_hidden)
         # One gather for the input and output rows: each gather of the (V, r) table costs a
         # dense (V, r) gradient in backward, the largest tensor a small reasoner touches.
-        rows = self.embed.table[torch.cat([tokens.flatten(), self.output_ids])]  # (B*T + K, r)
+        rows = self.embed.table[self.embed.index(torch.cat([tokens.flatten(), self.output_ids]))]  # (B*T + K, r)
         inputs, head = rows[: tokens.numel()].view(*tokens.shape, -1), rows[tokens.numel() :]
         hidden = static_forward(self, inputs @ self.embed.up.T, latent, memory, bptt_steps)
         logits = (hidden @ self.embed.up) @ head.T  # (B, T, K)
