@@ -163,3 +163,35 @@ def test_a_whole_table_checkpoint_loads_into_a_reasoner_that_keeps_rows(tiny):
     torch.testing.assert_close(new.reasoner.embed.table[:-1], old.reasoner.embed.table[kept])
     hidden = torch.randn(2, 3, 32)
     torch.testing.assert_close(new.reasoner.logits(hidden), old.reasoner.logits(hidden))
+
+
+def test_a_whole_table_run_resumes_into_a_reasoner_that_keeps_rows(fitted, tiny, tmp_path):
+    """A run checkpointed with the whole (V, r) table (earlier versions) resumes: its table and
+    the optimizer's moments of it shrink to the kept rows, and training goes on."""
+    module, dm, path = fitted
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    emb = module.reasoner.embed
+    kept = torch.tensor(ckpt["split_model"].pop("embed_ids"))
+
+    def whole(t):
+        out = t[-1:].expand(emb.vocab_size, -1).clone()
+        out[kept] = t[:-1]
+        return out
+
+    ckpt["state_dict"]["reasoner.embed.table"] = whole(ckpt["state_dict"]["reasoner.embed.table"])
+    n_moments = 0
+    for state in ckpt["optimizer_states"][0]["state"].values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == emb.table.shape:
+                state[key], n_moments = whole(value), n_moments + 1
+    assert n_moments == 2  # AdamW's two moments of the table
+    old = tmp_path / "whole.ckpt"
+    torch.save(ckpt, old)
+    resumed = task_vocab_module(tiny, tiny.memory("bert"))
+    data = tiny.data(resumed, tmp_path / "cache")
+    trainer = tiny.trainer(tmp_path, max_steps=8)
+    trainer.fit(resumed, datamodule=data, ckpt_path=str(old))
+    assert trainer.global_step == 8
+    assert resumed.reasoner.embed.kept_ids().tolist() == kept.tolist()
+    moments = trainer.optimizers[0].state[resumed.reasoner.embed.table]
+    assert moments["exp_avg"].shape == resumed.reasoner.embed.table.shape

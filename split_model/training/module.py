@@ -785,8 +785,15 @@ class SplitModelModule(LightningModule):
         if self.rl is not None and RL_REFERENCE_KEY in checkpoint:
             self._reference_state, self._reference = checkpoint[RL_REFERENCE_KEY], None
         self._format_spec = info.get("format")
+        emb = self.reasoner.embed
         if info.get("embed_ids") is not None:  # the table holds these ids' rows (and the shared one)
-            self.reasoner.embed.keep(info["embed_ids"])
+            emb.keep(info["embed_ids"])
+        elif emb.rows is not None:  # resuming a whole-table run: its optimizer moments of the table shrink too
+            for optimizer in checkpoint.get("optimizer_states", []):
+                for state in optimizer.get("state", {}).values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and value.shape == (emb.vocab_size, emb.table.shape[1]):
+                            state[key] = emb.reduce(value)
         self.reasoner.set_output_vocab(info.get("output_ids"))
         fmt, formatter = self._format_spec or {}, self.formatter
         if formatter is not None and not formatter.from_train:  # validate/test without the train split
