@@ -298,7 +298,7 @@ def test_label_sets_teach_a_latent_step_to_hold_the_whole_set(tiny, tmp_path):
 def test_label_set_terms_count_exact_sets_and_recall():
     logits = torch.tensor([[[3.0, 1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 5.0], [9.0, 0.0, 0.0, 0.0, 0.0]]])
     sets = torch.tensor([[[0, 1], [4, -100], [-100, -100]]])  # {0, 1}, {4}, no set
-    total, count, right, found, labelled = SplitModelModule._set_terms(logits, sets)
+    total, count, right, found, exact, labelled = SplitModelModule._set_terms(logits, sets)
     logp = logits.log_softmax(-1)[0]
     assert float(total) == pytest.approx(float(-(logp[0, 0] + logp[0, 1]) / 2 - logp[1, 4]))
     # {0, 1}: its top two are 0 and 2, half the set; {4}: exactly the top one.
@@ -306,7 +306,24 @@ def test_label_set_terms_count_exact_sets_and_recall():
     assert labelled.tolist() == [[True, True, False]]
     # A second row whose two sets sit one position later, recalled 0.0 and 1.0.
     module = SimpleNamespace(set_found=(torch.cat([found, torch.tensor([[0.0, 0.0, 1.0]])]),
+                                        torch.cat([exact, torch.tensor([[False, False, True]])]),
                                         torch.cat([labelled, torch.tensor([[False, True, True]])])))
     assert float(SplitModelModule.set_recall(module)) == 0.625
     # By step: the rows' first sets (0.5 and 0.0), then their second ones (1.0 and 1.0).
     assert {k: float(v) for k, v in SplitModelModule.set_recall(module, by_step=True).items()} == {0: 0.25, 1: 1.0}
+
+
+def test_exact_sets_tell_a_set_from_its_superset_where_recall_cannot():
+    """"Alex is happy" and "Alex is not happy" as label sets {alex, is, happy} and {alex, is,
+    happy, not}: a model that gives both positions the same output, "not" ranked fourth, has
+    recall 1.00 and every member above every other token on both; only the set it names itself
+    (its probability spread over m = exp(entropy) tokens) shows that it tells them apart."""
+    alex, is_, happy, not_ = 0, 1, 2, 3
+    hedged = torch.tensor([2.0, 2.0, 2.0, 1.2, -9.0, -9.0])  # "not" at 0.14: neither in nor out
+    sets = torch.tensor([[[alex, is_, happy, -100], [alex, is_, happy, not_]]])
+    _, count, right, found, exact, _ = SplitModelModule._set_terms(torch.stack([hedged, hedged])[None], sets)
+    assert found.tolist() == [[1.0, 1.0]] and int(right) == 2
+    assert exact.tolist() == [[False, True]]  # it names four tokens at both: right only for the negation
+    sure = torch.tensor([[5.0, 5.0, 5.0, -5.0, -9.0, -9.0], [5.0, 5.0, 5.0, 5.0, -9.0, -9.0]])
+    _, _, _, _, exact, _ = SplitModelModule._set_terms(sure[None], sets)
+    assert exact.tolist() == [[True, True]]

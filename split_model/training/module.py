@@ -184,8 +184,9 @@ class SplitModelModule(LightningModule):
         )
         self.formatter: Formatter | None = None
         self.step_acc: torch.Tensor | None = None  # the last _forward's labelled latent steps right (steps: latent)
-        # The last _forward's label sets (step_token: set): each position's recall and which have a set, (B, T) each.
-        self.set_found: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The last _forward's label sets (step_token: set): each position's recall, whether its own set
+        # (exact, see _set_terms) is its label, and which positions have a set, (B, T) each.
+        self.set_found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.halt_loss: torch.Tensor | None = None  # the last _forward's halting loss (halting on)
         self.task: Task | None = None
         self._format_spec: dict | None = None
@@ -396,8 +397,8 @@ class SplitModelModule(LightningModule):
         count = (labels != IGNORE).sum()
         sets, self.set_found = batch.get("label_sets"), None
         if sets is not None:  # each labelled set position counts as one label
-            set_total, set_count, set_right, found, with_set = self._set_terms(logits, self._label_index(sets))
-            self.set_found = (found, with_set)
+            set_total, set_count, set_right, found, exact, with_set = self._set_terms(logits, self._label_index(sets))
+            self.set_found = (found, exact, with_set)
             total, count = total + set_total, count + set_count
         loss = total / count.clamp_min(1)
         lookup = None if mem is None else mem.lookup
@@ -424,8 +425,13 @@ class SplitModelModule(LightningModule):
         in the logits, IGNORE for none. Returns the summed cross-entropy against an equal share
         on each member (the mean of -log p over the members, per labelled position), the number
         of labelled positions, how many of them have exactly their set as the top |set| logits
-        (every member above every other token), each position's recall (the share of its members among its top |set| logits; 0 where it
-        has no set) and which positions have a set, (B, T) each."""
+        (every member above every other token), each position's recall (the share of its members
+        among its top |set| logits; 0 where it has no set), whether the set the model itself
+        names is the label (exact: its top m tokens, m = exp(entropy) rounded, the number of
+        tokens its probability is spread over, are the members) and which positions have a set,
+        (B, T) each. Recall and "right" take the set's size from the label: a model that always
+        ranks "not" fourth after "alex is happy" has recall 1.00 on both "Alex is happy" and
+        "Alex is not happy" without telling them apart; exact needs it to."""
         member = sets != IGNORE  # (B, T, W)
         n = member.sum(-1)  # (B, T) members per position
         labelled = n > 0
@@ -440,15 +446,19 @@ class SplitModelModule(LightningModule):
         found = ((chosen >= kth[..., None]) & member).sum(-1) / n.clamp_min(1)
         lowest_member = chosen.masked_fill(~member, float("inf")).amin(-1)
         right = labelled & (lowest_member > after)
-        return (nll * labelled).sum(), labelled.sum(), right.sum(), found, labelled
+        own_size = (-(logp.exp() * logp).sum(-1)).exp().round()  # (B, T) tokens the probability is spread over
+        exact = right & (own_size == n)
+        return (nll * labelled).sum(), labelled.sum(), right.sum(), found, exact, labelled
 
-    def set_recall(self, by_step: bool = False) -> torch.Tensor | dict[int, torch.Tensor] | None:
-        """The last forward's recall of its label sets (None without sets): the mean over
+    def set_recall(self, by_step: bool = False, exact: bool = False) -> torch.Tensor | dict[int, torch.Tensor] | None:
+        """The last forward's recall of its label sets (None without sets), or with `exact` the
+        share of labelled positions whose own set is the label (see _set_terms): the mean over
         labelled positions, or with `by_step` {k: mean over the rows' k-th labelled position}
         (one host sync: for evaluation)."""
         if self.set_found is None:
             return None
-        found, labelled = self.set_found
+        recall, right, labelled = self.set_found
+        found = right.float() if exact else recall
         if not by_step:
             return (found * labelled).sum() / labelled.sum().clamp_min(1)
         step = (labelled.cumsum(1) - 1)[labelled]  # each labelled position's index in its row
@@ -527,6 +537,7 @@ class SplitModelModule(LightningModule):
             self.log("train/step_acc", self.step_acc, batch_size=b)
         if self.set_found is not None:
             self.log("train/set_recall", self.set_recall(), batch_size=b)
+            self.log("train/set_exact", self.set_recall(exact=True), batch_size=b)
         if self.halt_loss is not None:
             self.log("train/halt_loss", self.halt_loss, batch_size=b)
         if diagnostics:
@@ -672,8 +683,11 @@ class SplitModelModule(LightningModule):
             self.log(f"{prefix}/step_acc_teacher_forced", self.step_acc, batch_size=b, sync_dist=True)
         if self.set_found is not None:
             self.log(f"{prefix}/set_recall_teacher_forced", self.set_recall(), batch_size=b, sync_dist=True)
+            self.log(f"{prefix}/set_exact_teacher_forced", self.set_recall(exact=True), batch_size=b, sync_dist=True)
             for k, value in self.set_recall(by_step=True).items():  # where a search stops growing right
                 self.log(f"{prefix}/set_recall_step{k}", value, batch_size=b, sync_dist=True)
+            for k, value in self.set_recall(by_step=True, exact=True).items():
+                self.log(f"{prefix}/set_exact_step{k}", value, batch_size=b, sync_dist=True)
         if self.halt_loss is not None:
             self.log(f"{prefix}/halt_loss", self.halt_loss, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
