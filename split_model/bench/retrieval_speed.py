@@ -15,8 +15,11 @@ their index), then measures, with queries that are the keys of held-out sentence
   refine), chosen on one half of the queries and reported on the other;
 - query latency at batch 1 and 64 with k=8 (medians over repeated searches);
 - the share of one reasoning step spent in search: search_ms / (search_ms + step_ms),
-  where step_ms is one fixed-shape step of a d_model=128, 2-block reasoner at the same
-  batch, cross-attending to 128 memory tokens (a question and 8 fetched chunks).
+  where step_ms is one fixed-shape step of configs/world.yaml's reasoner (d_model=128, 2
+  blocks, embedding rank 32) at the same batch, cross-attending to 128 memory tokens (a
+  question and 8 fetched chunks), its head scoring the tokens that config's task writes
+  (`output_vocab: task`: the answers of world 0's training questions and eos), as training
+  and evaluation run it; not MiniLM's 30,522 tokens, whose head would be most of the step.
 Stores live in a temporary directory removed at the end.
 """
 
@@ -33,10 +36,11 @@ import torch
 
 from split_model.bench import log
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ lives there
+
 K = 8
 CHUNK_TOKENS = 12  # three words of 2-3 letters and two spaces, as bytes
 KEY_DIM = 384
-VOCAB_SIZE = 30522  # the reasoner's vocabulary: MiniLM's tokenizer
 MEMORY_TOKENS = 32 + K * CHUNK_TOKENS  # a question and K fetched chunks
 GOAL_SHARE, GOAL_RECALL = 0.2, 0.95
 BACKBONE = {"model_type": "llama", "hidden_size": KEY_DIM, "intermediate_size": KEY_DIM, "num_hidden_layers": 1,
@@ -99,15 +103,40 @@ def tune(store, kind: str, queries: np.ndarray, truth: np.ndarray) -> tuple[dict
     return setting, tried
 
 
-def reasoner_step_ms(quick: bool) -> dict[str, float]:
-    """ms of one fixed-shape reasoner step at batch 1 and 64 (see split_model.bench.speed)."""
+def world_reasoner(quick: bool):
+    """configs/world.yaml's reasoner shape (its retrieval settings left out: the step is
+    timed without search), MiniLM's tokenizer, and the token ids its task head scores: every
+    token of world 0's training answers, and eos (`--quick`: 2,000 questions, not 60,000)."""
+    from omegaconf import OmegaConf
+
+    from split_model.memory import HFMemory
+    from split_model.reasoner import ReasonerConfig
+    from split_model.tasks import KnowledgeWorld
+    from split_model.training.format import Formatter
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "world.yaml"))
+    shape = {k: cfg["model"]["reasoner"][k] for k in ("d_model", "n_layers", "n_heads", "feedback", "embed_rank")}
+    task = KnowledgeWorld(**{**cfg["data"]["task"]["init_args"], **({"n_train": 2000} if quick else {})})
+    tok = HFMemory(**cfg["model"]["memory"]["init_args"]).tokenizer
+    fmt = Formatter(tok, cfg["data"]["steps"], cfg["data"]["latent_steps"])
+    ids = {t for ex in task.examples("train") for t in fmt.encode(ex).labels if t >= 0} | {tok.eos_id}
+    return ReasonerConfig(**shape), tok, sorted(ids)
+
+
+def reasoner_step_ms(quick: bool) -> tuple[dict[str, float], dict]:
+    """ms of one fixed-shape step of the world reasoner at batch 1 and 64 (see
+    split_model.bench.speed), and that reasoner's description."""
     from split_model.bench.decode import time_steps_ms
     from split_model.bench.speed import reasoner_steps
-    from split_model.reasoner import Reasoner, ReasonerConfig
+    from split_model.reasoner import Reasoner
 
+    cfg, tok, ids = world_reasoner(quick)
     torch.manual_seed(0)
-    reasoner = Reasoner(ReasonerConfig(d_model=128, n_layers=2, n_heads=4), vocab_size=VOCAB_SIZE,
-                        memory_dim=KEY_DIM).eval()
+    reasoner = Reasoner(cfg, vocab_size=tok.vocab_size, memory_dim=KEY_DIM).eval()
+    reasoner.set_output_vocab(ids)
+    reasoner.keep_rows([tok.bos_id, tok.pad_id])  # as fit does with output_vocab: task
+    described = {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "embed_rank": cfg.embed_rank,
+                 "output_tokens": len(ids), "vocab_size": tok.vocab_size, "memory_tokens": MEMORY_TOKENS}
     out = {}
     with torch.no_grad():
         for b in (1, 64):
@@ -116,7 +145,7 @@ def reasoner_step_ms(quick: bool) -> dict[str, float]:
             step = reasoner_steps(reasoner, memory, torch.device("cpu"))["fast"]
             (ms,) = time_steps_ms([step], rounds=3 if quick else 7, per_round=5)
             out[f"b{b}"] = round(ms, 4)
-    return out
+    return out, described
 
 
 def key_geometry(store, n: int = 2000) -> dict:
@@ -169,7 +198,7 @@ def run(args) -> dict:
         geometry = key_geometry(stores["flat"])
         del stores, store, held_out  # unmap before the directory goes
     log("reasoner steps")
-    step = reasoner_step_ms(args.quick)
+    step, reasoner = reasoner_step_ms(args.quick)
     share = {kind: {b: round(r[f"query_ms_{b}"] / (r[f"query_ms_{b}"] + step[b]), 4) for b in ("b1", "b64")}
              for kind, r in indexes.items()}
     met = {kind: {b: bool(share[kind][b] < GOAL_SHARE and indexes[kind]["recall_at_8"] >= GOAL_RECALL)
@@ -178,8 +207,7 @@ def run(args) -> dict:
             "reasoner_step_ms": step, "search_share": share,
             "goal": f"search under {GOAL_SHARE:.0%} of a step at k={K} with recall@{K} >= {GOAL_RECALL}",
             "goal_met": met, "keys": geometry, "backbone": BACKBONE,
-            "reasoner": {"d_model": 128, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB_SIZE,
-                         "memory_tokens": MEMORY_TOKENS},
+            "reasoner": reasoner,
             "queries": {"tune": n_tune, "eval": n_eval, "b1_repeats": b1_repeats, "b64_repeats": b64_repeats},
             "threads": {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads()}}
 
