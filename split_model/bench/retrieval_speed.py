@@ -112,6 +112,7 @@ def world_reasoner(quick: bool):
     from split_model.memory import HFMemory
     from split_model.reasoner import ReasonerConfig
     from split_model.tasks import KnowledgeWorld
+    from split_model.training.data import output_token_ids
     from split_model.training.format import Formatter
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "world.yaml"))
@@ -119,8 +120,8 @@ def world_reasoner(quick: bool):
     task = KnowledgeWorld(**{**cfg["data"]["task"]["init_args"], **({"n_train": 2000} if quick else {})})
     tok = HFMemory(**cfg["model"]["memory"]["init_args"]).tokenizer
     fmt = Formatter(tok, cfg["data"]["steps"], cfg["data"]["latent_steps"])
-    ids = {t for ex in task.examples("train") for t in fmt.encode(ex).labels if t >= 0} | {tok.eos_id}
-    return ReasonerConfig(**shape), tok, sorted(ids)
+    ids = output_token_ids([fmt.encode(ex) for ex in task.examples("train")], tok.eos_id)
+    return ReasonerConfig(**shape), tok, ids
 
 
 def reasoner_step_ms(quick: bool) -> tuple[dict[str, float], dict]:

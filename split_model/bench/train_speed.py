@@ -70,6 +70,7 @@ def build(name: str, memory, device: torch.device, batches: int):
     from split_model.memory import MemoryCache
     from split_model.reasoner import ReasonerConfig
     from split_model.training import Formatter, SplitModelModule, TaskDataset, collate
+    from split_model.training.data import output_token_ids
 
     model_cfg, data_cfg, task_path, task_args = load_config(name, batches)
     bs = data_cfg["batch_size"]
@@ -90,8 +91,7 @@ def build(name: str, memory, device: torch.device, batches: int):
         loaded = [collate([data[i] for i in range(k * bs, (k + 1) * bs)]) for k in range(batches)]
         tokens = int(states.offsets[-1])
     if module.hparams.output_vocab == "task":
-        module.reasoner.set_output_vocab(sorted({t for s in data.sequences for t in s.labels if t >= 0}
-                                                | {memory.tokenizer.eos_id}))
+        module.reasoner.set_output_vocab(output_token_ids(data.sequences, memory.tokenizer.eos_id))
         module.reasoner.keep_rows(module.special_ids())  # as fit does: the embedding keeps only these rows
     on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loaded]
     return module.to(device), on_device, tokens, seconds, data_cfg, model_cfg

@@ -155,8 +155,8 @@ class Reasoner(nn.Module):
                 raise ValueError(f"output vocabulary must be non-empty ids in 0..{self.embed.vocab_size - 1}")
             ids = ids.to(self.embed.table.device)
             kept = self.embed.kept_ids()
-            if kept is not None and not torch.isin(ids, kept).all():
-                missing = ids[~torch.isin(ids, kept)].tolist()
+            missing = [] if kept is None else ids[~torch.isin(ids, kept)].tolist()
+            if missing:
                 raise ValueError(f"output vocabulary: token ids {missing[:8]} have no row in the reasoner's embedding "
                                  f"(it keeps {len(kept)} ids); keep them first (embed.keep)")
         elif self.embed.rows is not None:

@@ -352,8 +352,13 @@ class TaskDataModule(LightningDataModule):
         """Every token id the train split's labels use (the task's output vocabulary)."""
         if "train" not in self.datasets:
             raise RuntimeError("target_token_ids() needs the train split: call setup('fit') first")
-        sequences = self.datasets["train"].sequences
-        ids = {t for s in sequences for t in s.labels if t >= 0}
-        ids |= {t for s in sequences for ts in s.label_sets or () for t in ts}
-        return sorted(ids | {self.formatter.tok.eos_id})
+        return output_token_ids(self.datasets["train"].sequences, self.formatter.tok.eos_id)
+
+
+def output_token_ids(sequences, eos_id: int) -> list[int]:
+    """Every token id that encoded sequences' labels and label sets use, and eos, sorted:
+    the output vocabulary of `output_vocab: task`."""
+    ids = {t for s in sequences for t in s.labels if t >= 0}
+    ids |= {t for s in sequences for ts in s.label_sets or () for t in ts}
+    return sorted(ids | {eos_id})
 
