@@ -34,14 +34,17 @@ def run(args) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"quickstart failed (exit {proc.returncode}):\n{out[-3000:]}")
     acc = re.search(r"validation accuracy: ([0-9.]+) \((\d+) examples\)", out)
-    params = re.search(r"reasoner ([0-9,]+) trainable parameters.*memory ([0-9,]+) frozen parameters", out)
+    # The last count: fit prints one when the model is built and, with output_vocab: task,
+    # another once the embedding keeps only the task's rows (the model that trains).
+    counts = re.findall(r"reasoner ([0-9,]+) trainable parameters.*memory ([0-9,]+) frozen parameters", out)
+    params = counts[-1] if counts else None
     if not acc or not params:
         raise RuntimeError(f"quickstart output lacks the accuracy or parameter lines:\n{out[-3000:]}")
     return {
         "val_accuracy": float(acc.group(1)),
         "val_examples": int(acc.group(2)),
         "fit_seconds": round(seconds, 1),
-        "trainable_params": int(params.group(1).replace(",", "")),
-        "frozen_params": int(params.group(2).replace(",", "")),
+        "trainable_params": int(params[0].replace(",", "")),
+        "frozen_params": int(params[1].replace(",", "")),
         "config": "configs/quickstart.yaml",
     }
