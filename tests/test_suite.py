@@ -93,6 +93,8 @@ def test_suites_run_side_by_side_keep_each_others_results(tmp_path, monkeypatch)
 def test_the_zero_latent_and_larger_memory_baselines_are_overrides_of_the_same_config():
     argv = {v: a for _, v, a in suite.plan(["gym_aiw"], ["latent0", "smollm2"])}
     assert "--data.latent_steps=0" in argv["latent0"]
+    # a config whose steps are labelled latent steps (ProntoQA, ICoT) loses them too
+    assert "--data.steps=none" in argv["latent0"]
     assert "--model.memory.init_args.name=smollm2-135m" in argv["smollm2"]
     assert argv["latent0"][:3] == argv["smollm2"][:3] == ["fit", "--config", str(suite.ROOT / "configs" / "reasoning_gym.yaml")]
     assert suite.DEFAULT_VARIANTS == ["all", "none", "last", "cot"]  # the costly ones run only when named
@@ -108,3 +110,26 @@ def test_train_speed_builds_every_config_it_times_without_benchmark_files():
         assert not any(str(v).startswith("${") for v in task_args.values()), (name, task_args)
         if class_path.endswith("ProsQA"):
             assert len(get_task("prosqa", **task_args).examples("train")) == 32
+
+
+def test_a_rerun_sets_the_earlier_runs_folder_aside(tmp_path, monkeypatch):
+    """The run folder's last.ckpt is the model the new entry scored: the earlier run's folder
+    moves to TASK-VARIANT.previous (one kept), it is not mixed with the new run's files."""
+    monkeypatch.setattr(suite, "TASKS", {"a": ("debug.yaml", [], None)})
+    monkeypatch.setattr(suite, "RUNS", tmp_path / "runs")
+    runs = iter(["first", "second", "third"])
+
+    def fit_and_score(argv):
+        root = next(a for a in argv if a.startswith("--trainer.default_root_dir=")).split("=", 1)[1]
+        ckpt = tmp_path / "runs" / "a-all" / "checkpoints"
+        assert str(ckpt.parent) == root and not ckpt.parent.exists()  # a fresh folder for every run
+        ckpt.mkdir(parents=True)
+        (ckpt / "last.ckpt").write_text(next(runs))
+        return {"accuracy": 0.5, "accuracy_oracle": 0.5, "fit_seconds": 1.0, "trainable_params": 1, "memory_params": 1}
+
+    monkeypatch.setattr(suite, "fit_and_score", fit_and_score)
+    for _ in range(3):
+        bench_main(["suite", "--quick", "--tasks", "a", "--variants", "all", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "runs" / "a-all" / "checkpoints" / "last.ckpt").read_text() == "third"
+    assert (tmp_path / "runs" / "a-all.previous" / "checkpoints" / "last.ckpt").read_text() == "second"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a-all", "a-all.previous"]

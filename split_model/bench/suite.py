@@ -10,7 +10,9 @@ gold chain). Variants:
 - latent0: no latent steps (the answer is written right after the question);
 - smollm2: SmolLM2-135M as the frozen memory in place of the config's (what the memory contributes).
 
-Runs go to runs/suite/TASK-VARIANT/ in the repository. After every run the results so far are written to
+Runs go to runs/suite/TASK-VARIANT/ in the repository; a run that finds its folder from an earlier
+suite moves it to TASK-VARIANT.previous first (replacing an older one), so the folder's
+checkpoints/last.ckpt is always the model its suite.json entry scored. After every run the results so far are written to
 suite.partial.json next to the final suite.json, so a long suite that stops keeps its numbers.
 A run of some tasks updates their entries in an existing suite.json (suite-cuda.json) and
 keeps the others (each entry's command says how it was made).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -59,7 +62,8 @@ TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
        for name, cfg in GYM.items()},
 }
 VARIANTS = {"all": [], "none": ["--model.reasoner.feedback=none"], "last": ["--model.reasoner.feedback=last"], "cot": None,
-            "latent0": ["--data.latent_steps=0"],  # no thinking steps: the answer right after the question
+            # no thinking steps at all, labelled or not: the answer right after the question
+            "latent0": ["--data.steps=none", "--data.latent_steps=0"],
             "smollm2": ["--model.memory.init_args.name=smollm2-135m"]}  # a 6x larger frozen memory
 DEFAULT_VARIANTS = ["all", "none", "last", "cot"]  # the baselines at equal size; latent0 and smollm2 when named
 QUICK = ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2"]
@@ -138,6 +142,18 @@ def merged(earlier: dict, new: dict) -> dict:
     return out
 
 
+def set_aside(root: Path) -> None:
+    """Move an earlier run's folder to ROOT.previous (replacing an older one): Lightning would
+    otherwise write this run's checkpoint beside the old last.ckpt as last-v1.ckpt, and the
+    folder's last.ckpt would be a model the new results do not describe."""
+    if root.exists():
+        previous = root.with_name(root.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        root.rename(previous)
+        log(f"moved the earlier run's folder to {previous}")
+
+
 def run(args) -> dict:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS
@@ -148,6 +164,7 @@ def run(args) -> dict:
     earlier = Path(args.out_dir) / ("suite.json" if args.device == "cpu" else f"suite-{args.device}.json")
     for i, (task, variant, argv) in enumerate(runs):
         argv = [*argv, *run_overrides(args)]
+        set_aside(RUNS / f"{task}-{variant}")
         log(f"[{i + 1}/{len(runs)}] {task} {variant}: split-model {' '.join(argv)}")
         try:
             r = fit_and_score(argv)
