@@ -419,7 +419,7 @@ def test_steps_as_nodes_keeps_the_node_each_hop_reaches(tmp_path: Path) -> None:
     for ex, item in zip(generated, generate_prosqa(4, 2)):
         assert ex.steps == tuple(s.rstrip(".").split()[-1] for s in item["steps"])
         assert ex.steps[-1] == item["idx_to_symbol"][item["target"]]  # the last hop reaches the answer
-    with pytest.raises(ValueError, match="steps_as must be text, nodes, reached or backward"):
+    with pytest.raises(ValueError, match="steps_as must be text, nodes, reached, frontier or backward"):
         ProntoQA(steps_as="words")
 
 
@@ -456,6 +456,27 @@ def test_steps_as_reached_lists_every_node_within_k_hops_until_the_search_ends(t
     leaf_root.write_text(json.dumps([{**item, "root": 5}]))
     with pytest.raises(ValueError, match="the root has no fact"):
         ProsQA(valid_path=str(leaf_root), steps_as="reached").examples("valid")
+
+
+def test_steps_as_frontier_names_only_the_nodes_each_hop_reaches_first(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([PROSQA_ITEM]))
+    frontier = ProsQA(valid_path=str(path), steps_as="frontier").examples("valid")[0]
+    assert frontier == Example("q", ("Tom", "terpus dumpus", "brimpus", "lempus"), "Tom is a brimpus.")
+    # Generated questions: the frontiers are the differences of the reached sets, so they split
+    # every reached node into exactly one step, and the answer is in the step of its distance.
+    gen = ProsQA(n_generated=20, seed=3, steps_as="frontier").examples("train")
+    for ex, re_ex, item in zip(gen, ProsQA(n_generated=20, seed=3, steps_as="reached").examples("train"),
+                               generate_prosqa(20, 3)):
+        assert len(ex.steps) == len(re_ex.steps) and ex.steps[0] == re_ex.steps[0]
+        for k in range(1, len(ex.steps)):
+            assert ex.steps[k].split() == [n for n in re_ex.steps[k].split() if n not in re_ex.steps[k - 1].split()]
+        answer = item["idx_to_symbol"][item["target"]]
+        assert [k for k, step in enumerate(ex.steps) if answer in step.split()] == [len(item["steps"])]
+    leaf_root = tmp_path / "leaf.json"
+    leaf_root.write_text(json.dumps([{**PROSQA_ITEM, "root": 5}]))
+    with pytest.raises(ValueError, match="steps_as='frontier': the root has no fact"):
+        ProsQA(valid_path=str(leaf_root), steps_as="frontier").examples("valid")
 
 
 def test_steps_as_backward_chains_from_the_goals_to_the_root(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def _examples(items: list[Any], source: str, view) -> list[Example]:
     return examples
 
 
-StepsAs = Literal["text", "nodes", "reached", "backward"]
+StepsAs = Literal["text", "nodes", "reached", "frontier", "backward"]
 
 
 def step_node(step: str) -> str:
@@ -87,7 +87,7 @@ def step_node(step: str) -> str:
     return words[-1]
 
 
-def reached_steps(item: dict[str, Any]) -> tuple[str, ...]:
+def reached_steps(item: dict[str, Any], frontier: bool = False) -> tuple[str, ...]:
     """A breadth-first search from the root over ProsQA's graph, one step per hop from hop 0
     until nothing new is reached: after hop k, the names of every node within k edges of the
     root, the root included, in the order of `idx_to_symbol`, space-separated. Hop 0 is the
@@ -96,19 +96,25 @@ def reached_steps(item: dict[str, Any]) -> tuple[str, ...]:
     root's facts lies on the answer's path, which a hop read forward cannot know.
 
     Root Tom with facts Tom -> terpus, Tom -> dumpus, terpus -> brimpus: ("Tom", "Tom terpus
-    dumpus", "Tom terpus dumpus brimpus") (names in index order)."""
+    dumpus", "Tom terpus dumpus brimpus") (names in index order).
+
+    With `frontier`, step k names only the nodes first reached at hop k (exactly k edges from
+    the root): ("Tom", "terpus dumpus", "brimpus"). A step then asks for the facts of the last
+    step's nodes alone, and the answer is in exactly one step, the one of its distance."""
+    mode = "frontier" if frontier else "reached"
     missing = [key for key in ("edges", "root", "idx_to_symbol") if key not in item]
     if missing:
-        raise ValueError(f"steps_as='reached' needs ProsQA's graph, but the item has no {', '.join(missing)}")
+        raise ValueError(f"steps_as='{mode}' needs ProsQA's graph, but the item has no {', '.join(missing)}")
     try:
         symbols = [str(s) for s in item["idx_to_symbol"]]
         dist = reachable([(int(a), int(b)) for a, b in item["edges"]], int(item["root"]))
         hops = max(dist.values())
-        steps = tuple(" ".join(symbols[n] for n in sorted(dist) if dist[n] <= k) for k in range(hops + 1))
+        within = (lambda d, k: d == k) if frontier else (lambda d, k: d <= k)
+        steps = tuple(" ".join(symbols[n] for n in sorted(dist) if within(dist[n], k)) for k in range(hops + 1))
     except (TypeError, ValueError, IndexError) as err:
-        raise ValueError(f"steps_as='reached': the item's graph is malformed ({err})") from None
+        raise ValueError(f"steps_as='{mode}': the item's graph is malformed ({err})") from None
     if hops == 0:
-        raise ValueError("steps_as='reached': the root has no fact in the item's graph")
+        raise ValueError(f"steps_as='{mode}': the root has no fact in the item's graph")
     return steps
 
 
@@ -256,15 +262,15 @@ class CoconutJSON(FileTask):
                 labels one latent step per hop with `data.steps: latent` and
                 `data.step_token: first`; "reached", every node within k hops of the root
                 (the root included) after hop k = 0, 1, ..., until nothing new is reached
-                (see `reached_steps`); or "backward", the nodes of a backward chaining from
-                the goals to the root, one hop a step (see `backward_steps`). The last two
-                need the item's graph (ProsQA items carry it; ProntoQA's is parsed from the
+                (see `reached_steps`); "frontier", only the nodes first reached at hop k;
+                or "backward", the nodes of a backward chaining from the goals to the root,
+                one hop a step (see `backward_steps`). The last three need the item's graph (ProsQA items carry it; ProntoQA's is parsed from the
                 question, see `prontoqa_graph`) and label each latent step with a set of
                 nodes with `data.step_token: set`.
         """
         super().__init__(train_path, valid_path, test_path, max_examples)
-        if steps_as not in ("text", "nodes", "reached", "backward"):
-            raise ValueError(f"steps_as must be text, nodes, reached or backward, got {steps_as!r}")
+        if steps_as not in ("text", "nodes", "reached", "frontier", "backward"):
+            raise ValueError(f"steps_as must be text, nodes, reached, frontier or backward, got {steps_as!r}")
         self.steps_as = steps_as
 
     def parse_file(self, path: Path) -> list[Example]:
@@ -274,8 +280,9 @@ class CoconutJSON(FileTask):
         """The example with its steps as `steps_as` asks (`item`: its stored JSON object)."""
         if self.steps_as == "nodes":
             return Example(example.question, tuple(step_node(s) for s in example.steps), example.answer)
-        if self.steps_as == "reached":
-            return Example(example.question, reached_steps(self.graph(example, item)), example.answer)
+        if self.steps_as in ("reached", "frontier"):
+            graph = self.graph(example, item)
+            return Example(example.question, reached_steps(graph, self.steps_as == "frontier"), example.answer)
         if self.steps_as == "backward":
             return Example(example.question, backward_steps(self.graph(example, item)), example.answer)
         return example
@@ -345,8 +352,9 @@ class ProsQA(CoconutJSON):
                 uses (e.g. the valid split: the public files share one small vocabulary);
                 None: the built-in lists. See `prosqa_vocabulary`.
             steps_as: the reasoning steps as written ("text"), as the nodes they reach
-                ("nodes"), as the nodes reached so far ("reached") or as a backward chaining
-                from the two options ("backward"), as for every Coconut JSON task.
+                ("nodes"), as the nodes reached so far ("reached"), as the nodes first
+                reached at each hop ("frontier") or as a backward chaining from the two
+                options ("backward"), as for every Coconut JSON task.
         """
         super().__init__(train_path, valid_path, test_path, max_examples, steps_as)
         if n_generated < 1:
