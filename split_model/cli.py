@@ -25,6 +25,7 @@ commands:
   generate   answer questions:         split-model generate --checkpoint CKPT --question "..."
   bench      run a named experiment:   split-model bench NAME   (speed, feedback-ablation, quickstart)
   data       write generated data:     split-model data prosqa --out data/prosqa_train.json
+             (or describe a file:      split-model data prontoqa --stats prontoqa_valid.json)
   index      build a retrieval store:  split-model index --corpus corpus.jsonl --out stores/corpus
 
 `split-model COMMAND --help` explains every option of a command; for fit/validate/test/predict,
@@ -208,12 +209,18 @@ def stream_answer(model, question: str, kwargs: dict) -> str:
 
 def data_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="split-model data",
-                                description="Write a generated data set to a file (prosqa) or a directory (world).")
-    p.add_argument("kind", choices=["prosqa", "world"],
+                                description="Write a generated data set to a file (prosqa) or a directory (world), "
+                                            "or describe a ProntoQA file (prontoqa --stats FILE).")
+    p.add_argument("kind", choices=["prosqa", "world", "prontoqa"],
                    help="prosqa: ProsQA-style graph questions in Coconut's JSON format; "
-                        "world: a knowledge world's corpus and its valid multi-hop questions")
-    p.add_argument("--out", required=True, help="prosqa: output file, e.g. data/prosqa_train.json; "
-                                                "world: output directory (gets corpus.txt and questions.jsonl)")
+                        "world: a knowledge world's corpus and its valid multi-hop questions; "
+                        "prontoqa: print the statistics of a ProntoQA JSON file (--stats)")
+    p.add_argument("--out", default=None, help="prosqa: output file, e.g. data/prosqa_train.json; "
+                                               "world: output directory (gets corpus.txt and questions.jsonl)")
+    p.add_argument("--stats", metavar="FILE", default=None,
+                   help="prontoqa only: a ProntoQA JSON file (e.g. prontoqa_valid.json) whose statistics to print: "
+                        "backward-chaining steps, True share, and how often the goal the person reaches is the "
+                        "only goal any 'is a' fact names (a shortcut past the chain)")
     p.add_argument("-n", "--n", type=int, default=None,
                    help="number of examples (prosqa: default 10000; world: valid questions, default 400)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
@@ -229,8 +236,26 @@ def data_main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     import json
 
-    from split_model.tasks import ProsQAGenConfig, prosqa_statistics, prosqa_vocabulary, write_prosqa, write_world
+    from split_model.tasks import (ProsQAGenConfig, prontoqa_statistics, prosqa_statistics, prosqa_vocabulary,
+                                   write_prosqa, write_world)
 
+    if args.kind == "prontoqa":
+        from split_model.tasks.coconut_json import read_coconut_items
+
+        if args.stats is None or args.out is not None:
+            p.error("prontoqa describes a file: give --stats FILE (and no --out)")
+        if not Path(args.stats).is_file():
+            p.error(f"--stats: no file at {args.stats}")
+        try:
+            stats = prontoqa_statistics(read_coconut_items(Path(args.stats)))
+        except ValueError as err:
+            p.error(f"--stats {args.stats}: {err}")
+        print(json.dumps(stats))
+        return
+    if args.stats is not None:
+        p.error("--stats applies to prontoqa only")
+    if args.out is None:
+        p.error(f"{args.kind} writes data: give --out")
     if args.kind == "world":
         if args.compare is not None or args.vocabulary is not None:
             p.error("--compare and --vocabulary apply to prosqa only")

@@ -275,6 +275,29 @@ def test_data_prosqa_writes_a_set_and_compares_its_statistics_with_a_real_file(t
     assert names <= {s for item in json.loads(real.read_text()) for s in item["idx_to_symbol"]}
 
 
+def test_data_prontoqa_prints_a_files_statistics_and_refuses_what_it_cannot_read(tmp_path, capsys):
+    import json
+
+    question = ("Every wumpus is a dumpus. Dumpuses are not luminous. Each jompus is luminous. Sally is a wumpus. "
+                "True or false: Sally is luminous.")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"question": question, "steps": [], "answer": "False"}]))
+    dispatch(["data", "prontoqa", "--stats", str(path)])
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats == {"items": 1, "true_share": 0.0, "backward_steps_share": {"3": 1.0}, "reached_goal_linked_share": 1.0}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question": "Sally sings.", "steps": [], "answer": "True"}]))
+    for argv, message in ((["--stats", str(tmp_path / "nope.json")], "--stats: no file at"),
+                          (["--stats", str(bad)], "item 0: a ProntoQA question ends with"),
+                          ([], "give --stats FILE")):
+        with pytest.raises(SystemExit):
+            dispatch(["data", "prontoqa", *argv])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dispatch(["data", "prosqa", "--stats", str(path)])
+    assert "--stats applies to prontoqa only" in capsys.readouterr().err
+
+
 def test_a_user_error_is_one_line_and_status_1_with_the_traceback_on_request(tiny, capsys, monkeypatch):
     from split_model.cli import main
 

@@ -27,6 +27,7 @@ from split_model.tasks import (
     generate_prosqa,
     get_task,
     prontoqa_graph,
+    prontoqa_statistics,
     prosqa_statistics,
     prosqa_vocabulary,
     write_prosqa,
@@ -548,6 +549,26 @@ def test_prontoqa_steps_as_backward_and_reached(tmp_path: Path) -> None:
     # Names in order of first mention (jompus is named before tumpus, by its property fact).
     assert reached.steps == ("Sally", "Sally wumpus tumpus", "Sally wumpus dumpus jompus tumpus",
                              "Sally wumpus dumpus impus jompus tumpus", "Sally wumpus dumpus impus rompus jompus tumpus")
+
+
+def test_prontoqa_statistics_say_when_the_reached_goal_is_the_only_one_any_fact_links() -> None:
+    # The real split's shape: the other goal (jompus) is named by its property fact alone, so the
+    # goal Sally reaches (dumpus, through wumpus: 3 backward steps) is the one an "is a" fact
+    # names, and no chain need be followed to find it.
+    shortcut = ("Every wumpus is a dumpus. Dumpuses are not luminous. Each jompus is luminous. Sally is a wumpus. "
+                "True or false: Sally is luminous.")
+    # PRONTO_QUESTION: both goals are linked by "is a" facts (Sally reaches wumpus at once, jompus
+    # through tumpus), so the link does not tell which one the chain ends in.
+    items = [{"question": shortcut, "answer": "False"}, {"question": PRONTO_QUESTION, "answer": "True"}]
+    assert prontoqa_statistics(items[:1])["reached_goal_linked_share"] == 1.0
+    assert prontoqa_statistics(items[1:])["reached_goal_linked_share"] == 0.0
+    stats = prontoqa_statistics(items)
+    assert stats == {"items": 2, "true_share": 0.5, "backward_steps_share": {"2": 0.5, "3": 0.5},
+                     "reached_goal_linked_share": 0.5}
+    with pytest.raises(ValueError, match="ProntoQA item 1: a ProntoQA fact has none of the known forms"):
+        prontoqa_statistics([items[0], {"question": "Sally sings. True or false: Sally is luminous."}])
+    with pytest.raises(ValueError, match="no ProntoQA items"):
+        prontoqa_statistics([])
 
 
 def test_prontoqa_backward_steps_on_the_real_split_follow_the_written_chain_from_its_end() -> None:

@@ -713,6 +713,33 @@ def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def prontoqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shape of a set of ProntoQA items, each parsed by `prontoqa_graph`: the share of each
+    count of backward-chaining steps (`backward_steps`), the share of "True" answers, and `reached_goal_linked_share`: the share of items where the goal the person
+    reaches is the only one of the two goals (the classes whose facts name the asked property)
+    that any "is a" fact names. Where that share is 1, a model can pick the goal without
+    following the chain: the other goal is named by its property fact alone."""
+    if not items:
+        raise ValueError("no ProntoQA items to describe")
+    hops: Counter = Counter()
+    linked_only = true = 0
+    for i, item in enumerate(items):
+        try:
+            graph = prontoqa_graph(item["question"])
+            steps, reached = _backward_chain(graph)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"ProntoQA item {i}: {err}") from None
+        named = {node for edge in graph["edges"] for node in edge}
+        linked = {goal for goal in graph["goals"] if goal in named}
+        linked_only += linked == set(reached) and len(graph["goals"]) > len(linked)
+        hops[len(steps)] += 1
+        true += str(item.get("answer", "")).strip().lower() == "true"
+    n = len(items)
+    return {"items": n, "true_share": round(true / n, 3),
+            "backward_steps_share": {str(k): round(v / n, 3) for k, v in sorted(hops.items())},
+            "reached_goal_linked_share": round(linked_only / n, 3)}
+
+
 def write_prosqa(path: str | Path, n: int, seed: int = 0, config: ProsQAGenConfig | None = None) -> Path:
     """Generate `n` items and write them as one JSON list to `path` (parents created)."""
     path = Path(path)
