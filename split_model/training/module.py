@@ -209,7 +209,9 @@ class SplitModelModule(LightningModule):
                 trained = set(feedback_parameter_names(self.reasoner))
                 for name, p in self.reasoner.named_parameters():
                     p.requires_grad_(name in trained)
-        rank_zero_info(self.describe())
+        # with output_vocab task the table shrinks to the task's rows later (fit's setup prints the count again)
+        rank_zero_info(self.describe() + ("; before the embedding keeps only the task's rows (output_vocab: task)"
+                                          if output_vocab == "task" else ""))
 
     def load_reasoner_weights(self, path: str) -> None:
         """Start from the reasoner weights of the checkpoint at `path` (see `init_from`)."""
