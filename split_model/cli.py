@@ -221,6 +221,10 @@ def data_main(argv: list[str]) -> None:
                    help="prontoqa only: a ProntoQA JSON file (e.g. prontoqa_valid.json) whose statistics to print: "
                         "backward-chaining steps, True share, and how often the goal the person reaches is the "
                         "only goal any 'is a' fact names (a shortcut past the chain)")
+    p.add_argument("--without-link-cue", metavar="OUT", default=None,
+                   help="prontoqa only: also write --stats FILE's questions to OUT with two 'is a' facts added "
+                        "per question that link the other goal too (proof and answer unchanged), a split on which "
+                        "that shortcut is at chance; --seed picks the added classes and places")
     p.add_argument("-n", "--n", type=int, default=None,
                    help="number of examples (prosqa: default 10000; world: valid questions, default 400)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
@@ -236,10 +240,11 @@ def data_main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     import json
 
-    from split_model.tasks import (ProsQAGenConfig, prontoqa_statistics, prosqa_statistics, prosqa_vocabulary,
-                                   write_prosqa, write_world)
+    from split_model.tasks import (ProsQAGenConfig, prontoqa_statistics, prontoqa_without_link_cue, prosqa_statistics,
+                                   prosqa_vocabulary, write_prosqa, write_world)
 
     if args.kind == "prontoqa":
+        from split_model import files
         from split_model.tasks.coconut_json import read_coconut_items
 
         if args.stats is None or args.out is not None:
@@ -247,13 +252,20 @@ def data_main(argv: list[str]) -> None:
         if not Path(args.stats).is_file():
             p.error(f"--stats: no file at {args.stats}")
         try:
-            stats = prontoqa_statistics(read_coconut_items(Path(args.stats)))
+            items = read_coconut_items(Path(args.stats))
+            print(json.dumps(prontoqa_statistics(items)))
+            if args.without_link_cue is not None:
+                unlinked = prontoqa_without_link_cue(items, seed=args.seed)
+                stats = prontoqa_statistics(unlinked)
         except ValueError as err:
             p.error(f"--stats {args.stats}: {err}")
-        print(json.dumps(stats))
+        if args.without_link_cue is not None:
+            files.write_text(Path(args.without_link_cue), json.dumps(unlinked, indent=1) + "\n")
+            print(f"wrote {len(unlinked)} questions without the link cue to {args.without_link_cue}")
+            print(json.dumps(stats))
         return
-    if args.stats is not None:
-        p.error("--stats applies to prontoqa only")
+    if args.stats is not None or args.without_link_cue is not None:
+        p.error("--stats and --without-link-cue apply to prontoqa only")
     if args.out is None:
         p.error(f"{args.kind} writes data: give --out")
     if args.kind == "world":

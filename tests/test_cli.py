@@ -285,6 +285,14 @@ def test_data_prontoqa_prints_a_files_statistics_and_refuses_what_it_cannot_read
     dispatch(["data", "prontoqa", "--stats", str(path)])
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats == {"items": 1, "true_share": 0.0, "backward_steps_share": {"3": 1.0}, "reached_goal_linked_share": 1.0}
+    other = "Every yumpus is a rompus. Yumpuses are hot. Max is a yumpus. True or false: Max is hot."
+    path.write_text(json.dumps([{"question": question, "steps": [], "answer": "False"},
+                                {"question": other, "steps": [], "answer": "True"}]))
+    dispatch(["data", "prontoqa", "--stats", str(path), "--without-link-cue", str(tmp_path / "nocue.json")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[0])["reached_goal_linked_share"] == 0.5 and "wrote 2 questions" in lines[1]
+    assert json.loads(lines[-1])["reached_goal_linked_share"] == 0.0
+    assert len(json.loads((tmp_path / "nocue.json").read_text())) == 2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"question": "Sally sings.", "steps": [], "answer": "True"}]))
     for argv, message in ((["--stats", str(tmp_path / "nope.json")], "--stats: no file at"),
@@ -295,7 +303,7 @@ def test_data_prontoqa_prints_a_files_statistics_and_refuses_what_it_cannot_read
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         dispatch(["data", "prosqa", "--stats", str(path)])
-    assert "--stats applies to prontoqa only" in capsys.readouterr().err
+    assert "--stats and --without-link-cue apply to prontoqa only" in capsys.readouterr().err
 
 
 def test_a_user_error_is_one_line_and_status_1_with_the_traceback_on_request(tiny, capsys, monkeypatch):

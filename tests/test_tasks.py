@@ -28,6 +28,7 @@ from split_model.tasks import (
     get_task,
     prontoqa_graph,
     prontoqa_statistics,
+    prontoqa_without_link_cue,
     prosqa_statistics,
     prosqa_vocabulary,
     write_prosqa,
@@ -569,6 +570,35 @@ def test_prontoqa_statistics_say_when_the_reached_goal_is_the_only_one_any_fact_
         prontoqa_statistics([items[0], {"question": "Sally sings. True or false: Sally is luminous."}])
     with pytest.raises(ValueError, match="no ProntoQA items"):
         prontoqa_statistics([])
+
+
+def test_without_the_link_cue_both_goals_are_linked_and_every_proof_and_answer_stays() -> None:
+    from split_model.tasks.coconut_json import backward_steps
+
+    shortcut = ("Every wumpus is a dumpus. Dumpuses are not luminous. Each jompus is luminous. Sally is a wumpus. "
+                "True or false: Sally is luminous.")
+    other = "Every yumpus is a rompus. Yumpuses are hot. Max is a yumpus. True or false: Max is hot."  # one goal
+    items = [{"question": shortcut, "steps": ["Sally is a wumpus."], "answer": "False"},
+             {"question": other, "steps": [], "answer": "True"}]
+    unlinked = prontoqa_without_link_cue(items, seed=1)
+    assert prontoqa_statistics(unlinked)["reached_goal_linked_share"] == 0.0
+    first = unlinked[0]["question"]
+    # Two facts added among the facts (the query stays last): the unreached goal jompus gets a
+    # parent the question does not name (a class of the file: yumpus or rompus) and a child it
+    # names (wumpus or dumpus).
+    added = sorted(f for f in first.removesuffix(".").split(". ") if f not in shortcut)
+    assert first.endswith("True or false: Sally is luminous.") and len(added) == 2
+    parent, child = sorted(added, key=lambda f: not f.endswith(" a jompus"))
+    assert parent in ("Every yumpus is a jompus", "Every rompus is a jompus")
+    assert child in ("Every jompus is a wumpus", "Every jompus is a dumpus")
+    # Same proof (Sally reaches dumpus: the conclusion step names Sally and dumpus), same answer
+    # and steps.
+    assert backward_steps(prontoqa_graph(first))[-1] == backward_steps(prontoqa_graph(shortcut))[-1] == "Sally dumpus"
+    assert all(new["answer"] == old["answer"] and new["steps"] == old["steps"] for old, new in zip(items, unlinked))
+    assert unlinked[1] == items[1]  # the one goal is linked already: nothing to add
+    assert prontoqa_without_link_cue(items, seed=1) == unlinked  # reproducible
+    with pytest.raises(ValueError, match="item 0 names every class of the file"):
+        prontoqa_without_link_cue(items[:1])
 
 
 def test_prontoqa_backward_steps_on_the_real_split_follow_the_written_chain_from_its_end() -> None:

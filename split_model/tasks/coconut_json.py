@@ -740,6 +740,45 @@ def prontoqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
             "reached_goal_linked_share": round(linked_only / n, 3)}
 
 
+def prontoqa_without_link_cue(items: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """The items with the cue `prontoqa_statistics` measures taken away: every goal that no "is
+    a" fact names (the one the person does not reach) gets two facts, "Every K is a GOAL." and
+    "Every GOAL is a M.", each put at a random place among the facts: K is a class of the
+    file's vocabulary that the question does not name (the person reaches nearly every class
+    a question names), M one the question names. Nothing the person reaches changes, so the
+    proof and the answer stay (checked per item), but both goals are now linked: a model that
+    picks the linked goal instead of following the chain is at chance. Steps and answer are kept."""
+    rng = random.Random(seed)
+    graphs = []
+    for i, item in enumerate(items):
+        try:
+            graph = prontoqa_graph(item["question"])
+            graphs.append((graph, _backward_chain(graph)[1]))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"ProntoQA item {i}: {err}") from None
+    vocabulary = sorted({name for graph, _ in graphs for name in graph["idx_to_symbol"][1:]})  # node 0: the person
+    out = []
+    for i, (item, (graph, reached)) in enumerate(zip(items, graphs)):
+        names, goals = graph["idx_to_symbol"], graph["goals"]
+        named = {node for edge in graph["edges"] for node in edge}
+        sentences = [s.strip() for s in item["question"].split(".") if s.strip()]
+        facts, query = sentences[:-1], sentences[-1]
+        for goal in (g for g in goals if g not in named):
+            unused = [name for name in vocabulary if name not in names]
+            if not unused:
+                raise ValueError(f"ProntoQA item {i} names every class of the file: no new class can link "
+                                 f"the goal {names[goal]!r}")
+            k, m = rng.choice(unused), names[rng.choice([n for n in range(1, len(names)) if n != goal] or [goal])]
+            for a, b in ((k, names[goal]), (names[goal], m)):
+                facts.insert(rng.randrange(len(facts) + 1), f"Every {a} is {'an' if b[0] in 'aeiou' else 'a'} {b}")
+        question = ". ".join([*facts, query]) + "."
+        new = prontoqa_graph(question)  # its nodes are numbered in order of mention: compare names
+        if {new["idx_to_symbol"][n] for n in _backward_chain(new)[1]} != {names[n] for n in reached}:
+            raise ValueError(f"ProntoQA item {i}: the added facts would change the proof")  # cannot happen
+        out.append({**item, "question": question})
+    return out
+
+
 def write_prosqa(path: str | Path, n: int, seed: int = 0, config: ProsQAGenConfig | None = None) -> Path:
     """Generate `n` items and write them as one JSON list to `path` (parents created)."""
     path = Path(path)
