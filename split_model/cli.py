@@ -222,9 +222,10 @@ def data_main(argv: list[str]) -> None:
                         "backward-chaining steps, True share, and how often the goal the person reaches is the "
                         "only goal any 'is a' fact names (a shortcut past the chain)")
     p.add_argument("--without-link-cue", metavar="OUT", default=None,
-                   help="prontoqa only: also write --stats FILE's questions to OUT with two 'is a' facts added "
-                        "per question that link the other goal too (proof and answer unchanged), a split on which "
-                        "that shortcut is at chance; --seed picks the added classes and places")
+                   help="prontoqa only: also write --stats FILE's questions to OUT with facts added that give "
+                        "the goal the person does not reach a chain of 3 classes above it, each with a property, "
+                        "and 2 classes below (proof and answer unchanged): the shortcut is gone, the chain must "
+                        "be followed; --seed picks the added classes and places")
     p.add_argument("-n", "--n", type=int, default=None,
                    help="number of examples (prosqa: default 10000; world: valid questions, default 400)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")

@@ -285,7 +285,8 @@ def test_data_prontoqa_prints_a_files_statistics_and_refuses_what_it_cannot_read
     dispatch(["data", "prontoqa", "--stats", str(path)])
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats == {"items": 1, "true_share": 0.0, "backward_steps_share": {"3": 1.0}, "reached_goal_linked_share": 1.0}
-    other = "Every yumpus is a rompus. Yumpuses are hot. Max is a yumpus. True or false: Max is hot."
+    other = ("Every yumpus is a rompus. Every rompus is a numpus. Every numpus is a zumpus. Yumpuses are hot. "
+             "Max is a yumpus. True or false: Max is hot.")  # brings the classes a chain above jompus takes
     path.write_text(json.dumps([{"question": question, "steps": [], "answer": "False"},
                                 {"question": other, "steps": [], "answer": "True"}]))
     dispatch(["data", "prontoqa", "--stats", str(path), "--without-link-cue", str(tmp_path / "nocue.json")])

@@ -572,33 +572,42 @@ def test_prontoqa_statistics_say_when_the_reached_goal_is_the_only_one_any_fact_
         prontoqa_statistics([])
 
 
-def test_without_the_link_cue_both_goals_are_linked_and_every_proof_and_answer_stays() -> None:
+def test_without_the_link_cue_the_unreached_goal_gets_a_chain_and_every_proof_and_answer_stays() -> None:
     from split_model.tasks.coconut_json import backward_steps
 
     shortcut = ("Every wumpus is a dumpus. Dumpuses are not luminous. Each jompus is luminous. Sally is a wumpus. "
                 "True or false: Sally is luminous.")
-    other = "Every yumpus is a rompus. Yumpuses are hot. Max is a yumpus. True or false: Max is hot."  # one goal
+    # One goal (yumpus), linked already; it brings four classes and the property "hot" into the file.
+    other = ("Every yumpus is a rompus. Every rompus is a numpus. Every numpus is a zumpus. Yumpuses are hot. "
+             "Max is a yumpus. True or false: Max is hot.")
     items = [{"question": shortcut, "steps": ["Sally is a wumpus."], "answer": "False"},
              {"question": other, "steps": [], "answer": "True"}]
     unlinked = prontoqa_without_link_cue(items, seed=1)
     assert prontoqa_statistics(unlinked)["reached_goal_linked_share"] == 0.0
     first = unlinked[0]["question"]
-    # Two facts added among the facts (the query stays last): the unreached goal jompus gets a
-    # parent the question does not name (a class of the file: yumpus or rompus) and a child it
-    # names (wumpus or dumpus).
-    added = sorted(f for f in first.removesuffix(".").split(". ") if f not in shortcut)
-    assert first.endswith("True or false: Sally is luminous.") and len(added) == 2
-    parent, child = sorted(added, key=lambda f: not f.endswith(" a jompus"))
-    assert parent in ("Every yumpus is a jompus", "Every rompus is a jompus")
-    assert child in ("Every jompus is a wumpus", "Every jompus is a dumpus")
-    # Same proof (Sally reaches dumpus: the conclusion step names Sally and dumpus), same answer
-    # and steps.
-    assert backward_steps(prontoqa_graph(first))[-1] == backward_steps(prontoqa_graph(shortcut))[-1] == "Sally dumpus"
+    assert first.endswith("True or false: Sally is luminous.")
+    added = [f for f in first.removesuffix(".").split(". ") if f not in shortcut]
+    # The unreached goal jompus gets a chain of 3 classes the question did not name, each with a
+    # property fact (never the asked one), and the one class of the question that is no goal below.
+    graph = prontoqa_graph(first)
+    names = graph["idx_to_symbol"]
+    parents = {names[b]: names[a] for a, b in graph["edges"] if names[b] not in ("dumpus", "wumpus")}
+    k3 = parents["jompus"]
+    k2 = parents[k3]
+    k1 = parents[k2]
+    assert {k1, k2, k3} < {"yumpus", "rompus", "numpus", "zumpus"} and k1 not in parents
+    assert "Every jompus is a wumpus" in added
+    assert sorted(f.split(" is ")[1].removeprefix("not ") for f in added if " a " not in f) == ["hot"] * 3
+    assert len(added) == 3 + 3 + 1
+    # Same proof (Sally reaches dumpus: the conclusion step names Sally and dumpus), answer, steps.
+    assert backward_steps(graph)[-1] == backward_steps(prontoqa_graph(shortcut))[-1] == "Sally dumpus"
     assert all(new["answer"] == old["answer"] and new["steps"] == old["steps"] for old, new in zip(items, unlinked))
-    assert unlinked[1] == items[1]  # the one goal is linked already: nothing to add
+    assert unlinked[1] == items[1]  # its one goal is linked already: nothing to add
     assert prontoqa_without_link_cue(items, seed=1) == unlinked  # reproducible
-    with pytest.raises(ValueError, match="item 0 names every class of the file"):
-        prontoqa_without_link_cue(items[:1])
+    with pytest.raises(ValueError, match="item 0 leaves 4 classes of the file unnamed: too few for a chain of 5"):
+        prontoqa_without_link_cue(items, chain=5)
+    with pytest.raises(ValueError, match="chain must be >= 1"):
+        prontoqa_without_link_cue(items, chain=0)
 
 
 def test_prontoqa_backward_steps_on_the_real_split_follow_the_written_chain_from_its_end() -> None:

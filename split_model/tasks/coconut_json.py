@@ -194,7 +194,8 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
     tumpus.", "Every tumpus is a gorpus.", "Tumpuses are gorpuses."); `goals` are the classes
     whose property facts name the asked property ("Brimpuses are happy." or "Every lorpus is
     not happy." for "True or false: Alex is happy."), either way round, with `goal_negated`
-    (per goal: its fact says "not"), `property` ("happy") and `asked` ("Alex is happy").
+    (per goal: its fact says "not"), `property` ("happy"), `asked` ("Alex is happy") and
+    `properties` (the property every property fact names, in order).
     A fact's object is a class when it has an article ("is a", "is an") or, after "are", is
     a plural (it ends in "s" but not in "us": "gorpuses", not "luminous"); otherwise it is a
     property. ValueError names a sentence that fits none of the forms."""
@@ -209,6 +210,7 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
     edges: list[tuple[int, int]] = []
     goals: list[int] = []
     negated: list[bool] = []  # per goal: its fact says "not"
+    properties: list[str] = []  # the object of every property fact, in order
 
     def node(name: str) -> int:
         if name not in index:
@@ -230,13 +232,15 @@ def prontoqa_graph(question: str) -> dict[str, Any]:
                 subject = subject.lower()
         if is_class:
             edges.append((node(subject), node(_singular(parts["object"]))))
-        elif parts["object"] == prop:
-            goals.append(node(subject))
-            negated.append(bool(parts["neg"]))
+        else:
+            properties.append(parts["object"])
+            if parts["object"] == prop:
+                goals.append(node(subject))
+                negated.append(bool(parts["neg"]))
     if not goals:
         raise ValueError(f"no fact of the ProntoQA question states the asked property {prop!r}")
     return {"idx_to_symbol": symbols, "edges": edges, "root": 0, "goals": goals, "goal_negated": negated,
-            "property": prop, "asked": sentences[-1].removeprefix("True or false:").strip()}
+            "property": prop, "asked": sentences[-1].removeprefix("True or false:").strip(), "properties": properties}
 
 
 class CoconutJSON(FileTask):
@@ -740,14 +744,21 @@ def prontoqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
             "reached_goal_linked_share": round(linked_only / n, 3)}
 
 
-def prontoqa_without_link_cue(items: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """The items with the cue `prontoqa_statistics` measures taken away: every goal that no "is
-    a" fact names (the one the person does not reach) gets two facts, "Every K is a GOAL." and
-    "Every GOAL is a M.", each put at a random place among the facts: K is a class of the
-    file's vocabulary that the question does not name (the person reaches nearly every class
-    a question names), M one the question names. Nothing the person reaches changes, so the
-    proof and the answer stay (checked per item), but both goals are now linked: a model that
-    picks the linked goal instead of following the chain is at chance. Steps and answer are kept."""
+def prontoqa_without_link_cue(items: list[dict[str, Any]], seed: int = 0, chain: int = 3) -> list[dict[str, Any]]:
+    """The items with the cue `prontoqa_statistics` measures taken away. The goal the person
+    does not reach, where no "is a" fact names it, gets what the reached goal has: a chain of
+    `chain` classes above it ("Every K1 is a K2.", ..., "Every Kc is a GOAL."), each with a
+    property fact of its own ("Every K1 is not sour.", a property of the file other than the
+    asked one), and two other classes of the question below it ("Every GOAL is a M.", fewer
+    where the question has fewer that are no goal). The K are
+    classes of the file's vocabulary that the question does not name (ProntoQA's questions
+    name 14 of its 17), so no new word appears; every added sentence goes to a random place
+    among the facts. Nothing the person reaches changes, so the proof and the answer stay
+    (checked per item), but telling the two goals apart now takes following a chain from one
+    end to the other: the top of the new chain has no parent, the reached chain's top is the
+    person's class. Steps and answer are kept."""
+    if chain < 1:
+        raise ValueError(f"chain must be >= 1 class above the goal, got {chain}")
     rng = random.Random(seed)
     graphs = []
     for i, item in enumerate(items):
@@ -757,20 +768,28 @@ def prontoqa_without_link_cue(items: list[dict[str, Any]], seed: int = 0) -> lis
         except (KeyError, ValueError) as err:
             raise ValueError(f"ProntoQA item {i}: {err}") from None
     vocabulary = sorted({name for graph, _ in graphs for name in graph["idx_to_symbol"][1:]})  # node 0: the person
+    properties = sorted({word for graph, _ in graphs for word in graph["properties"]})
     out = []
     for i, (item, (graph, reached)) in enumerate(zip(items, graphs)):
         names, goals = graph["idx_to_symbol"], graph["goals"]
         named = {node for edge in graph["edges"] for node in edge}
         sentences = [s.strip() for s in item["question"].split(".") if s.strip()]
         facts, query = sentences[:-1], sentences[-1]
+        added: list[str] = []
         for goal in (g for g in goals if g not in named):
-            unused = [name for name in vocabulary if name not in names]
-            if not unused:
-                raise ValueError(f"ProntoQA item {i} names every class of the file: no new class can link "
-                                 f"the goal {names[goal]!r}")
-            k, m = rng.choice(unused), names[rng.choice([n for n in range(1, len(names)) if n != goal] or [goal])]
-            for a, b in ((k, names[goal]), (names[goal], m)):
-                facts.insert(rng.randrange(len(facts) + 1), f"Every {a} is {'an' if b[0] in 'aeiou' else 'a'} {b}")
+            unused = [name for name in vocabulary if name not in names and all(name not in a for a in added)]
+            if len(unused) < chain:
+                raise ValueError(f"ProntoQA item {i} leaves {len(unused)} classes of the file unnamed: too few for a "
+                                 f"chain of {chain} above the goal {names[goal]!r}")
+            ks = rng.sample(unused, chain)
+            pool = [names[n] for n in range(1, len(names)) if n not in goals]
+            below = rng.sample(pool, min(2, len(pool)))
+            others = [word for word in properties if word != graph["property"]]
+            links = list(zip(ks, [*ks[1:], names[goal]])) + [(names[goal], m) for m in below]
+            added += [f"Every {a} is {'an' if b[0] in 'aeiou' else 'a'} {b}" for a, b in links]
+            added += [f"Every {k} is {rng.choice(['', 'not '])}{rng.choice(others)}" for k in ks]
+        for sentence in added:
+            facts.insert(rng.randrange(len(facts) + 1), sentence)
         question = ". ".join([*facts, query]) + "."
         new = prontoqa_graph(question)  # its nodes are numbered in order of mention: compare names
         if {new["idx_to_symbol"][n] for n in _backward_chain(new)[1]} != {names[n] for n in reached}:
