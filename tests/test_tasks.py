@@ -608,6 +608,9 @@ def test_without_the_link_cue_the_unreached_goal_gets_a_chain_and_every_proof_an
         prontoqa_without_link_cue(items, chain=5)
     with pytest.raises(ValueError, match="chain must be >= 1"):
         prontoqa_without_link_cue(items, chain=0)
+    one_property = [items[0], {**items[1], "question": other.replace("hot", "luminous")}]
+    with pytest.raises(ValueError, match="item 0: the file states no property but 'luminous'"):
+        prontoqa_without_link_cue(one_property)
 
 
 def test_prontoqa_backward_steps_on_the_real_split_follow_the_written_chain_from_its_end() -> None:

@@ -268,9 +268,10 @@ class CoconutJSON(FileTask):
                 (the root included) after hop k = 0, 1, ..., until nothing new is reached
                 (see `reached_steps`); "frontier", only the nodes first reached at hop k;
                 or "backward", the nodes of a backward chaining from the goals to the root,
-                one hop a step (see `backward_steps`). The last three need the item's graph (ProsQA items carry it; ProntoQA's is parsed from the
-                question, see `prontoqa_graph`) and label each latent step with a set of
-                nodes with `data.step_token: set`.
+                one hop a step (see `backward_steps`). The last three need the item's graph
+                (ProsQA items carry it; ProntoQA's is parsed from the question, see
+                `prontoqa_graph`) and label each latent step with a set of nodes with
+                `data.step_token: set`.
         """
         super().__init__(train_path, valid_path, test_path, max_examples)
         if steps_as not in ("text", "nodes", "reached", "frontier", "backward"):
@@ -719,9 +720,10 @@ def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def prontoqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
     """The shape of a set of ProntoQA items, each parsed by `prontoqa_graph`: the share of each
-    count of backward-chaining steps (`backward_steps`), the share of "True" answers, and `reached_goal_linked_share`: the share of items where the goal the person
-    reaches is the only one of the two goals (the classes whose facts name the asked property)
-    that any "is a" fact names. Where that share is 1, a model can pick the goal without
+    count of backward-chaining steps (`backward_steps`), the share of "True" answers, and
+    `reached_goal_linked_share`: the share of items where the goal the person reaches is the
+    only one of the two goals (the classes whose facts name the asked property) that any "is
+    a" fact names. Where that share is 1, a model can pick the goal without
     following the chain: the other goal is named by its property fact alone."""
     if not items:
         raise ValueError("no ProntoQA items to describe")
@@ -750,9 +752,9 @@ def prontoqa_without_link_cue(items: list[dict[str, Any]], seed: int = 0, chain:
     `chain` classes above it ("Every K1 is a K2.", ..., "Every Kc is a GOAL."), each with a
     property fact of its own ("Every K1 is not sour.", a property of the file other than the
     asked one), and two other classes of the question below it ("Every GOAL is a M.", fewer
-    where the question has fewer that are no goal). The K are
-    classes of the file's vocabulary that the question does not name (ProntoQA's questions
-    name 14 of its 17), so no new word appears; every added sentence goes to a random place
+    where the question has fewer that are no goal). The K are classes of the file's
+    vocabulary that the question does not name (ProntoQA's questions name 14 of its 17), so
+    no new word appears; every added sentence goes to a random place
     among the facts. Nothing the person reaches changes, so the proof and the answer stay
     (checked per item), but telling the two goals apart now takes following a chain from one
     end to the other: the top of the new chain has no parent, the reached chain's top is the
@@ -776,15 +778,20 @@ def prontoqa_without_link_cue(items: list[dict[str, Any]], seed: int = 0, chain:
         sentences = [s.strip() for s in item["question"].split(".") if s.strip()]
         facts, query = sentences[:-1], sentences[-1]
         added: list[str] = []
+        taken = set(names)  # classes a question already names, or this call has added to it
         for goal in (g for g in goals if g not in named):
-            unused = [name for name in vocabulary if name not in names and all(name not in a for a in added)]
+            unused = [name for name in vocabulary if name not in taken]
             if len(unused) < chain:
                 raise ValueError(f"ProntoQA item {i} leaves {len(unused)} classes of the file unnamed: too few for a "
                                  f"chain of {chain} above the goal {names[goal]!r}")
             ks = rng.sample(unused, chain)
+            taken.update(ks)
             pool = [names[n] for n in range(1, len(names)) if n not in goals]
             below = rng.sample(pool, min(2, len(pool)))
             others = [word for word in properties if word != graph["property"]]
+            if not others:
+                raise ValueError(f"ProntoQA item {i}: the file states no property but {graph['property']!r}, so the "
+                                 "added classes can have no property fact of their own")
             links = list(zip(ks, [*ks[1:], names[goal]])) + [(names[goal], m) for m in below]
             added += [f"Every {a} is {'an' if b[0] in 'aeiou' else 'a'} {b}" for a, b in links]
             added += [f"Every {k} is {rng.choice(['', 'not '])}{rng.choice(others)}" for k in ks]
