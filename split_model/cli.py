@@ -252,6 +252,8 @@ def data_main(argv: list[str]) -> None:
             p.error("prontoqa describes a file: give --stats FILE (and no --out)")
         if not Path(args.stats).is_file():
             p.error(f"--stats: no file at {args.stats}")
+        if args.without_link_cue is not None and Path(args.without_link_cue).resolve() == Path(args.stats).resolve():
+            p.error("--without-link-cue would overwrite the --stats file: give another OUT")
         try:
             items = read_coconut_items(Path(args.stats))
             print(json.dumps(prontoqa_statistics(items)))

@@ -298,7 +298,8 @@ def test_data_prontoqa_prints_a_files_statistics_and_refuses_what_it_cannot_read
     bad.write_text(json.dumps([{"question": "Sally sings.", "steps": [], "answer": "True"}]))
     for argv, message in ((["--stats", str(tmp_path / "nope.json")], "--stats: no file at"),
                           (["--stats", str(bad)], "item 0: a ProntoQA question ends with"),
-                          ([], "give --stats FILE")):
+                          ([], "give --stats FILE"),
+                          (["--stats", str(path), "--without-link-cue", str(path)], "would overwrite the --stats file")):
         with pytest.raises(SystemExit):
             dispatch(["data", "prontoqa", *argv])
         assert message in capsys.readouterr().err
