@@ -570,6 +570,8 @@ def test_prontoqa_statistics_say_when_the_reached_goal_is_the_only_one_any_fact_
         prontoqa_statistics([items[0], {"question": "Sally sings. True or false: Sally is luminous."}])
     with pytest.raises(ValueError, match="no ProntoQA items"):
         prontoqa_statistics([])
+    with pytest.raises(ValueError, match="ProntoQA item 1: expected an object with a 'question' string"):
+        prontoqa_statistics([items[0], "Sally is luminous."])
 
 
 def test_without_the_link_cue_the_unreached_goal_gets_a_chain_and_every_proof_and_answer_stays() -> None:

@@ -718,6 +718,21 @@ def prosqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _parsed_prontoqa(items: list[Any]) -> list[tuple[dict[str, Any], tuple[str, ...], set[int]]]:
+    """Per item: its question's graph (`prontoqa_graph`), backward steps and the goals the
+    person reaches (`_backward_chain`); ValueError names the item that cannot be read."""
+    parsed = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise ValueError(f"ProntoQA item {i}: expected an object with a 'question' string, got {str(item)[:80]!r}")
+        try:
+            graph = prontoqa_graph(item["question"])
+            parsed.append((graph, *_backward_chain(graph)))
+        except ValueError as err:
+            raise ValueError(f"ProntoQA item {i}: {err}") from None
+    return parsed
+
+
 def prontoqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
     """The shape of a set of ProntoQA items, each parsed by `prontoqa_graph`: the share of each
     count of backward-chaining steps (`backward_steps`), the share of "True" answers, and
@@ -729,12 +744,7 @@ def prontoqa_statistics(items: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("no ProntoQA items to describe")
     hops: Counter = Counter()
     linked_only = true = 0
-    for i, item in enumerate(items):
-        try:
-            graph = prontoqa_graph(item["question"])
-            steps, reached = _backward_chain(graph)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"ProntoQA item {i}: {err}") from None
+    for item, (graph, steps, reached) in zip(items, _parsed_prontoqa(items)):
         named = {node for edge in graph["edges"] for node in edge}
         linked = {goal for goal in graph["goals"] if goal in named}
         linked_only += linked == set(reached) and len(graph["goals"]) > len(linked)
@@ -762,17 +772,11 @@ def prontoqa_without_link_cue(items: list[dict[str, Any]], seed: int = 0, chain:
     if chain < 1:
         raise ValueError(f"chain must be >= 1 class above the goal, got {chain}")
     rng = random.Random(seed)
-    graphs = []
-    for i, item in enumerate(items):
-        try:
-            graph = prontoqa_graph(item["question"])
-            graphs.append((graph, _backward_chain(graph)[1]))
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"ProntoQA item {i}: {err}") from None
-    vocabulary = sorted({name for graph, _ in graphs for name in graph["idx_to_symbol"][1:]})  # node 0: the person
-    properties = sorted({word for graph, _ in graphs for word in graph["properties"]})
+    graphs = _parsed_prontoqa(items)
+    vocabulary = sorted({name for graph, _, _ in graphs for name in graph["idx_to_symbol"][1:]})  # 0: the person
+    properties = sorted({word for graph, _, _ in graphs for word in graph["properties"]})
     out = []
-    for i, (item, (graph, reached)) in enumerate(zip(items, graphs)):
+    for i, (item, (graph, _, reached)) in enumerate(zip(items, graphs)):
         names, goals = graph["idx_to_symbol"], graph["goals"]
         named = {node for edge in graph["edges"] for node in edge}
         sentences = [s.strip() for s in item["question"].split(".") if s.strip()]
