@@ -310,7 +310,11 @@ def index_main(argv: list[str]):
                         "directory; a model later reads the store only with this same backbone")
     p.add_argument("--layers", default="-1", help="memory layers whose states are stored, comma-separated "
                                                   "(0: embeddings, -1: last; write --layers=-2,-1 for a list "
-                                                  "starting with a minus); the key is the mean of the last one")
+                                                  "starting with a minus)")
+    p.add_argument("--key-layers", default="last", choices=["last", "all"],
+                   help="what a chunk's key averages over its tokens: the last stored layer, or every stored layer "
+                        "(each layer's mean normalised first); with --layers=0,-1, all keys a chunk by its words "
+                        "as well as its sentence, so a query can match a name exactly")
     p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"],
                    help="flat: exact search; hnsw: graph, approximate, fast on big stores; ivfpq: clustered and "
                         "compressed to --pq-m bytes per key, for stores past RAM")
@@ -323,7 +327,7 @@ def index_main(argv: list[str]):
     p.add_argument("--nprobe", type=int, default=16, help="ivfpq: lists scanned per query")
     p.add_argument("--append", action="store_true",
                    help="add the corpus to the store at --out (built by the same backbone); the index options "
-                        "are the store's and cannot change")
+                        "and --key-layers are the store's and cannot change")
     p.add_argument("--device", default="auto", help="where the backbone encodes: auto (cuda when available), cpu, cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the ivfpq training sample")
     args = p.parse_args(argv)
@@ -362,9 +366,10 @@ def index_main(argv: list[str]):
         return store
     spec = IndexSpec(kind=args.index, metric=args.metric, ivf_lists=args.ivf_lists, pq_m=args.pq_m, nprobe=args.nprobe)
     store = RetrievalStore.build(args.out, memory, texts, index=spec, chunk_tokens=args.chunk_tokens,
-                                 desc=Path(args.corpus).name, seed=args.seed)
-    print(f"indexed {store.num_chunks:,} chunks of {store.num_documents:,} documents, key dim {store.key_dim}, "
-          f"{spec.kind} index, {time.perf_counter() - start:.1f} s: {args.out}")
+                                 desc=Path(args.corpus).name, seed=args.seed, key_layers=args.key_layers)
+    keyed = "the last stored layer" if store.key_layers == "last" else "every stored layer"
+    print(f"indexed {store.num_chunks:,} chunks of {store.num_documents:,} documents, key dim {store.key_dim} "
+          f"(keyed by {keyed}), {spec.kind} index, {time.perf_counter() - start:.1f} s: {args.out}")
     return store
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from split_model.reasoner import Reasoner, ReasonerConfig
 from split_model.reasoner.retrieval import Retrieved
 
-C, N_TOK, S, D, DK, V = 40, 6, 1, 16, 12, 30
+C, N_TOK, S, D, DK, V = 40, 6, 2, 16, 12, 30  # two stored layers: the quote reads both
 
 
 class BruteLookup:
@@ -133,7 +133,7 @@ def test_queries_from_the_previous_step_read_its_final_state():
 
 def test_a_quote_carries_what_a_step_fetched_into_the_next_query():
     """retrieval_quote: step t+1's query is the previous projection of step t's final hidden
-    plus quote_write of the fetched tokens' memory states, weighted by attention. With the
+    plus quote_write of the fetched tokens' memory states (all S stored layers), weighted by attention. With the
     attention's read weights at zero every real token of chunk j scores log p_j, as in the
     cross-attention, so the quote can be computed by hand from what the lookup returned."""
 
@@ -154,7 +154,7 @@ def test_a_quote_carries_what_a_step_fetched_into_the_next_query():
         real = found.mask[:, 0]  # (B, k, n)
         weights = log_p[:, 0, :, None].exp() * real  # p_j on each real token of chunk j
         weights = weights / weights.sum((1, 2), keepdim=True)
-        quoted = torch.einsum("bkn,bknd->bd", weights, found.states[:, 0, :, :, -1])
+        quoted = torch.einsum("bkn,bknd->bd", weights, found.states[:, 0].flatten(-2))  # every stored layer, side by side
         hidden = r.norm(state.layer_states[-1][:, 0])
         expected = r.retrieval.previous(hidden) + r.retrieval.quote_write(quoted)
         r.step(state, tokens[:, 1], latent[:, 1])

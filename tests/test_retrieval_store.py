@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from split_model.retrieval import IndexSpec, RetrievalStore, read_corpus
 
@@ -78,6 +79,47 @@ def test_keys_values_and_texts_match_the_memory(built, memory):
         assert built.text(i) == texts[i]
     states, mask = built.values(np.array([-1]))
     assert not mask.any() and not states.any() and not built.keys(np.array([-1])).any()
+
+
+def test_keys_of_every_stored_layer_average_each_layers_normalised_mean(tiny, tmp_path):
+    """key_layers all: a chunk's key is the mean over the stored layers of each layer's mean
+    token state, each L2-normalised first (so the embeddings count as much as the last layer),
+    then normalised for the ip metric; an append keys its chunks the same way, and a reopened
+    store says how it keys. The default keys by the last layer alone."""
+    memory = tiny.memory("llama", layers=[0, -1])
+    texts = sentences(30, seed=5)
+    store = RetrievalStore.build(tmp_path / "all", memory, texts[:20], key_layers="all")
+    store.append(memory, texts[20:])
+    states = memory.encode_texts([texts[3], texts[25]])  # (2, N, 2, D)
+    for row, i in enumerate((3, 25)):
+        n = int(states.mask[row].sum())
+        per_layer = F.normalize(states.states[row, :n].mean(0), dim=-1)  # (2, D)
+        key = per_layer.mean(0)
+        torch.testing.assert_close(store.keys(np.array(i)), key / key.norm(), atol=2e-3, rtol=0)
+        last = states.states[row, :n, -1].mean(0)
+        assert (store.keys(np.array(i)) - last / last.norm()).abs().max() > 0.05  # not the last layer's key
+    reopened = RetrievalStore.open(store.path, memory)
+    assert reopened.key_layers == "all" and reopened.manifest["key_layers"] == "all"
+    assert reopened.search(reopened.keys(np.array([25])), 1)[1][0, 0] == 25
+    assert RetrievalStore.build(tmp_path / "last", memory, texts[:5]).key_layers == "last"
+
+
+def test_key_layers_are_checked_at_build_and_open(memory, built, tmp_path):
+    with pytest.raises(ValueError, match="key_layers must be one of last, all, got 'first'"):
+        RetrievalStore.build(tmp_path / "a", memory, ["x"], key_layers="first")
+    assert not (tmp_path / "a").exists()
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(built.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["key_layers"]  # written before the choice existed: keyed by the last layer
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert RetrievalStore.open(old, memory).key_layers == "last"
+    manifest["key_layers"] = "middle"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="names key_layers 'middle', not one of last, all: rebuild"):
+        RetrievalStore.open(old)
 
 
 def test_scores_are_cosines_best_first(built):
@@ -322,7 +364,8 @@ def test_index_command_builds_appends_and_refuses(tmp_path, capsys):
     store = dispatch(["index", "--corpus", str(corpus), "--out", str(out), "--memory", backbone,
                       "--index", "hnsw", "--chunk-tokens", "8", "--layers", "1,2"])
     printed = capsys.readouterr().out
-    assert "indexed 50 chunks of 50 documents, key dim 32, hnsw index" in printed and str(out) in printed
+    assert "indexed 50 chunks of 50 documents, key dim 32 (keyed by the last stored layer), hnsw index" in printed
+    assert str(out) in printed
     memory = HFMemory(name=backbone, layers=[1, 2], max_length=64)
     reopened = RetrievalStore.open(out, memory)  # built at max_length 8: not part of the backbone
     assert reopened.num_states == 2 and reopened.chunk_tokens == 8 and reopened.find(texts[7]) == 7
@@ -343,6 +386,9 @@ def test_index_command_builds_appends_and_refuses(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dispatch(["index", "--corpus", str(more), "--out", str(tmp_path / "y"), "--layers", "last"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    keyed = dispatch(["index", "--corpus", str(more), "--out", str(tmp_path / "z"), "--memory", backbone,
+                      "--layers=0,-1", "--key-layers", "all"])
+    assert "(keyed by every stored layer)" in capsys.readouterr().out and keyed.key_layers == "all"
 
 
 def test_index_help_explains_every_option(capsys):
@@ -351,7 +397,7 @@ def test_index_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         dispatch(["index", "--help"])
     text = capsys.readouterr().out
-    for option in ("--corpus", "--out", "--memory", "--layers", "--index", "--metric", "--chunk-tokens",
+    for option in ("--corpus", "--out", "--memory", "--layers", "--key-layers", "--index", "--metric", "--chunk-tokens",
                    "--ivf-lists", "--pq-m", "--nprobe", "--append", "--seed"):
         assert option in text
 

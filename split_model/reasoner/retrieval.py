@@ -15,9 +15,11 @@ split_model.retrieval.lookup).
 
 With `retrieval_query: previous`, step t+1's query is what step t proposes (`propose`): a
 projection of its normed final hidden state and, with `retrieval_quote`, a quote of what it
-fetched: attention from that state over the fetched tokens' memory states, mapped into the
-key space. Keys are the memory's own mean-pooled states, so a quote can carry a name read in
-a chunk into the next query without compressing it to the reasoner's width first.
+fetched: attention from that state over the fetched tokens' memory states (every stored
+layer side by side), mapped into the key space. Keys are the memory's own mean-pooled states,
+so a quote can carry a name read in a chunk into the next query without compressing it to the
+reasoner's width first; where the store's keys average the embeddings too (layers 0 and -1,
+`key_layers: all`), the quote can copy the name's embedding exactly.
 
 Which hop can depend on which: with `retrieval_layer` >= 1 the query reads the question
 (block 0 cross-attends to it), and the chunks fetched at step t reach step t+1 only through
@@ -67,7 +69,7 @@ class Fetched:
 
     states: torch.Tensor  # (B, T, M, d) adapted chunk states
     bias: torch.Tensor  # (B, T, M) additive attention bias: log p of the token's chunk, -inf for padding
-    raw: torch.Tensor | None  # (B, T, M, D_mem) the tokens' memory states at the deepest stored layer (quoting only)
+    raw: torch.Tensor | None  # (B, T, M, S*D_mem) the tokens' memory states, stored layers side by side (quoting only)
     real: torch.Tensor  # (B, T, M) bool: a fetched token, not padding
 
 
@@ -75,7 +77,8 @@ class RetrievalHead(nn.Module):
     """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
 
     def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False, quote_dim: int = 0):
-        """quote_dim: width of the fetched memory states a proposal quotes (0: no quoting)."""
+        """quote_dim: width of the fetched memory states a proposal quotes, S * D_mem for S stored
+        layers (0: no quoting)."""
         super().__init__()
         self.every = every
         self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
@@ -111,9 +114,9 @@ class RetrievalHead(nn.Module):
         states = states.view(b, t, k * n, -1) + self.kind  # (B, T, k*n, d)
         real = (found.mask & valid[..., None]).flatten(2)  # (B, T, k*n)
         bias = log_p[..., None].expand(b, t, k, n).flatten(2).masked_fill(~real, float("-inf"))
-        raw = None  # (B, T, k*n, D_mem) for quoting: the deepest stored layer
+        raw = None  # (B, T, k*n, S*D_mem) for quoting: every stored layer, as the keys may average them
         if self.quote_write is not None:
-            raw = found.states[..., -1, :].flatten(2, 3).to(x.dtype)
+            raw = found.states.flatten(-2).flatten(2, 3).to(x.dtype)
         return Fetched(states=states, bias=bias, raw=raw, real=real)
 
     def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
@@ -124,7 +127,7 @@ class RetrievalHead(nn.Module):
         proposal = self.previous(hidden)
         if self.quote_write is None or fetched is None:
             return proposal
-        raw = fetched.raw  # (B, T, M, D_mem)
+        raw = fetched.raw  # (B, T, M, S*D_mem)
         scores = torch.einsum("btd,btmd->btm", self.quote_read(hidden), raw) * raw.shape[-1] ** -0.5
         scores = scores + fetched.bias.masked_fill(~fetched.real, 0.0)  # prefer the likelier chunks' tokens
         weights = scores.masked_fill(~fetched.real, NEG).softmax(-1) * fetched.real.any(-1, keepdim=True)

@@ -2,9 +2,10 @@
 
 Built once from a corpus by `RetrievalStore.build` (or `split-model index`), reopened
 memory-mapped and read-only by `RetrievalStore.open`. Per chunk it holds
-- a key: the mean over the chunk's tokens of the last selected memory layer's states,
-  L2-normalised for the ip metric, stored fp16 in `keys.npy` and indexed by faiss in
-  `index.faiss` (see index.py for the kinds);
+- a key: the mean over the chunk's tokens of the last selected memory layer's states
+  (`key_layers: last`), or of every selected layer's, each layer's mean L2-normalised
+  before the layers are averaged (`key_layers: all`); L2-normalised for the ip metric,
+  stored fp16 in `keys.npy` and indexed by faiss in `index.faiss` (see index.py for the kinds);
 - a value: the chunk's token states of every selected layer, (chunk_tokens, S, D) fp16,
   zero-padded, in `values.npy`, with the real lengths in `lengths.npy`;
 - its text and document index, one JSON line each in `chunks.jsonl`.
@@ -57,6 +58,7 @@ SAMPLED_BLOCKS, BLOCK_BYTES = 64, 2**20
 MAX_ROWS = 1024  # chunks per encoding batch, however short
 FP16_MAX = float(np.finfo(np.float16).max)
 REBUILD = "rebuild the store with `split-model index`"
+KEY_LAYERS = ("last", "all")  # what a chunk's key averages: the last stored layer, or every stored layer
 _REQUIRED = {"format": int, "backbone": str, "fingerprint": str, "layers": list, "hidden_size": int,
              "num_states": int, "key_dim": int, "chunk_tokens": int, "num_chunks": int, "num_documents": int,
              "index": dict, "metric": str, "created": str, "index_file": str, "parts": list, "files": dict}
@@ -91,6 +93,11 @@ class RetrievalStore:
         return self.manifest["key_dim"]
 
     @property
+    def key_layers(self) -> str:
+        """What a key averages: "last" (the last stored layer) or "all" (every stored layer)."""
+        return self.manifest.get("key_layers", "last")  # stores written before the choice existed: last
+
+    @property
     def chunk_tokens(self) -> int:
         """Token slots per chunk in `values` (T)."""
         return self.manifest["chunk_tokens"]
@@ -116,15 +123,20 @@ class RetrievalStore:
     @classmethod
     def build(cls, path: str | Path, memory: HFMemory, texts: Sequence[str], *, index: IndexSpec = IndexSpec(),
               chunk_tokens: int = 32, tokens_per_batch: int = 8192, desc: str = "corpus",
-              seed: int = 0) -> "RetrievalStore":
+              seed: int = 0, key_layers: str = "last") -> "RetrievalStore":
         """Encode `texts` with `memory` (on its device, in `encode_dtype` of it) and write a store
         at `path`, which must not exist (or be an empty directory). `seed` draws the training
-        sample of an ivfpq index."""
+        sample of an ivfpq index. `key_layers`: "last" keys a chunk by the mean of the last
+        stored layer's token states; "all" by every stored layer's (each layer's mean
+        normalised, then averaged), so that a store reading the embeddings and the last layer
+        (layers 0 and -1) has keys that match a word itself as well as its sentence."""
         path = Path(path)
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             raise ValueError(f"{path} already exists: choose another directory, delete it, or add to the store "
                              "there with `split-model index --append`")
         _check_sizes(memory, chunk_tokens, tokens_per_batch)
+        if key_layers not in KEY_LAYERS:
+            raise ValueError(f"key_layers must be one of {', '.join(KEY_LAYERS)}, got {key_layers!r}")
         index.check_dim(memory.hidden_size)  # before the long encoding, not after
         texts = list(texts)
         if not texts:
@@ -134,15 +146,17 @@ class RetrievalStore:
         tmp.mkdir(parents=True)
         try:
             part = _part_names(0)
-            keys = _write_part(tmp, part, memory, chunks, chunk_tokens, index.metric, tokens_per_batch, desc)
+            keys = _write_part(tmp, part, memory, chunks, chunk_tokens, index.metric, tokens_per_batch, desc,
+                               key_layers)
             built, spec = faiss_index.build_index(keys, index, seed)
             faiss_index.write_index(built, tmp / "index.faiss")
             now = _now()
             manifest = {
                 "format": FORMAT_VERSION, "backbone": backbone_name(memory), "fingerprint": memory.fingerprint,
                 "layers": list(memory.layers), "hidden_size": memory.hidden_size, "num_states": memory.num_states,
-                "key_dim": memory.hidden_size, "chunk_tokens": chunk_tokens, "num_chunks": len(chunks),
-                "num_documents": len(texts), "index": asdict(spec), "metric": spec.metric, "created": now,
+                "key_dim": memory.hidden_size, "key_layers": key_layers, "chunk_tokens": chunk_tokens,
+                "num_chunks": len(chunks), "num_documents": len(texts), "index": asdict(spec), "metric": spec.metric,
+                "created": now,
                 "updated": now, "index_file": "index.faiss", "parts": [{"chunks": len(chunks), **part}],
                 "files": {name: _digest(tmp / name) for name in [*part.values(), "index.faiss"]},
             }
@@ -165,7 +179,8 @@ class RetrievalStore:
         chunks = chunk_documents(memory, texts, self.chunk_tokens, first_doc=self.num_documents)
         n_part = len(self.manifest["parts"])
         part = _part_names(n_part)
-        keys = _write_part(self.path, part, memory, chunks, self.chunk_tokens, self.spec.metric, 8192, "appended corpus")
+        keys = _write_part(self.path, part, memory, chunks, self.chunk_tokens, self.spec.metric, 8192,
+                           "appended corpus", self.key_layers)
         grown = faiss_index.read_index(self.path / self.manifest["index_file"], self.spec, mmap=False)
         grown.add(keys)
         index_file = f"index.{n_part}.faiss"
@@ -344,7 +359,7 @@ def _part_names(p: int) -> dict[str, str]:
 
 
 def _write_part(root: Path, names: dict[str, str], memory: HFMemory, chunks: list[Chunk], chunk_tokens: int,
-                metric: str, tokens_per_batch: int, desc: str) -> np.ndarray:
+                metric: str, tokens_per_batch: int, desc: str, key_layers: str) -> np.ndarray:
     """Encode `chunks` and write their files; returns their keys (n, D) float32 as stored
     (rounded to fp16), which is what the faiss index must hold."""
     n, shape = len(chunks), (memory.num_states, memory.hidden_size)
@@ -352,7 +367,7 @@ def _write_part(root: Path, names: dict[str, str], memory: HFMemory, chunks: lis
     values = np.lib.format.open_memmap(root / names["values"], mode="w+", dtype=np.float16,
                                        shape=(n, chunk_tokens, *shape))
     keys = np.zeros((n, memory.hidden_size), dtype=np.float32)
-    _encode(memory, [c.ids for c in chunks], lengths, values, keys, tokens_per_batch, desc)
+    _encode(memory, [c.ids for c in chunks], lengths, values, keys, tokens_per_batch, desc, key_layers)
     values.flush()
     del values
     if metric == "ip":
@@ -367,7 +382,7 @@ def _write_part(root: Path, names: dict[str, str], memory: HFMemory, chunks: lis
 
 @torch.no_grad()
 def _encode(memory: HFMemory, ids: list[list[int]], lengths: np.ndarray, values: np.ndarray, keys: np.ndarray,
-            tokens_per_batch: int, desc: str) -> None:
+            tokens_per_batch: int, desc: str, key_layers: str) -> None:
     """Fills values (n, T, S, D) fp16 and keys (n, D) fp32, batch by batch, longest chunks first."""
     device = memory.device
     dtype = encode_dtype(device)
@@ -381,7 +396,11 @@ def _encode(memory: HFMemory, ids: list[list[int]], lengths: np.ndarray, values:
             states = memory.encode(input_ids.to(device), mask, dtype).states  # (B, N, S, D) fp32
             real = mask[:, :, None, None].to(states.dtype)  # (B, N, 1, 1)
             states = states * real  # zero padding, in the stored values and in the key's sum
-            key = states[:, :, -1].sum(1) / real[:, :, 0].sum(1)  # (B, D): mean of the last layer over real tokens
+            mean = states.sum(1) / real.sum(1)  # (B, S, D): each layer's mean over real tokens
+            if key_layers == "last":
+                key = mean[:, -1]
+            else:  # layers differ in scale (embeddings vs the last layer): each counts as much
+                key = torch.nn.functional.normalize(mean, dim=-1).mean(1)
             if not bool(torch.isfinite(key).all()):
                 raise ValueError(f"the memory produced non-finite states while encoding {desc} in {dtype}: "
                                  "encode in float32 (on the CPU) or check the backbone's weights")
@@ -436,6 +455,9 @@ def _read_manifest(path: Path) -> dict:
     wrong = [k for k, t in _REQUIRED.items() if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
     if wrong:
         raise ValueError(f"{path / MANIFEST} lacks or mistypes the fields {', '.join(wrong)}: {REBUILD}")
+    if manifest.get("key_layers", "last") not in KEY_LAYERS:
+        raise ValueError(f"{path / MANIFEST} names key_layers {manifest['key_layers']!r}, not one of "
+                         f"{', '.join(KEY_LAYERS)}: {REBUILD}")
     if manifest["format"] != FORMAT_VERSION:
         raise ValueError(f"the store {path} has format {manifest['format']}, this code reads {FORMAT_VERSION}: {REBUILD}")
     return manifest
