@@ -29,6 +29,7 @@ BENCHES: dict[str, str] = {
     "faults": "split_model.bench.faults:run",
     "retrieval-hops": "split_model.bench.retrieval_hops:run",
     "retrieval-speed": "split_model.bench.retrieval_speed:run",
+    "retrieval-keys": "split_model.bench.retrieval_keys:run",
     "rl-neuralese": "split_model.bench.rl_neuralese:run",
     "scaling": "split_model.bench.scaling:run",
     "memory-probe": "split_model.bench.memory_probe:run",
@@ -92,6 +93,8 @@ def bench_main(argv: list[str]) -> dict:
          "real code: how many behaved as promised",
          "retrieval-hops: accuracy by hop count on an unseen world (new names, swapped store) for retrieval with "
          "feedback all, with none, and no retrieval",
+         "retrieval-keys: recall of a query that states its fact's person and relation, by how the store keys "
+         "chunks (last layer, embeddings, both): the ceiling a learned query meets on the unseen world",
          "retrieval-speed: build time, query latency (batch 1, 64), recall@8 and share of a reasoner step of flat, "
          "hnsw and ivfpq stores of 200k chunks",
          "rl-neuralese: shell game; supervised with feedback off, then RL with feedback on (feedback path only, all "
