@@ -181,6 +181,54 @@ def test_quoting_starts_as_the_query_without_quoting_and_learns():
         ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2, retrieval_quote=True)
 
 
+def test_reranking_starts_as_the_keys_ranking_and_learns():
+    """retrieval_rerank's projection starts at zero: outputs equal the model's without it (its
+    weights are created last); the loss reaches it, and the reasoner's parallel pass and its
+    step-by-step path agree with it open."""
+    tokens, latent, states, mask = inputs()
+    plain = model("all", query="previous", quote=True)
+    torch.manual_seed(0)
+    ranking = Reasoner(plain.cfg.__class__(**{**vars(plain.cfg), "retrieval_rerank": True}), vocab_size=V,
+                       memory_dim=D, num_states=S, key_dim=DK)
+    ranking.load_state_dict(plain.state_dict(), strict=False)
+    assert not ranking.retrieval.rerank.weight.any() and ranking.retrieval.rerank.weight.shape == (S * D, DK)
+    out = ranking(tokens, latent, memory(ranking, states, mask, BruteLookup()))
+    with torch.no_grad():
+        ref = plain(tokens, latent, memory(plain, states, mask, BruteLookup()))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().mean().backward()
+    assert ranking.retrieval.rerank.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        ranking.retrieval.rerank.weight.normal_(0, 0.5)
+        full = ranking(tokens, latent, memory(ranking, states, mask, BruteLookup()))
+        steps = stepwise(ranking, tokens, latent, memory(ranking, states, mask, BruteLookup()))
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+    assert (full - ref).abs().max() > 1e-3  # the open projection changes what the chunks weigh
+    with pytest.raises(ValueError, match="retrieval_rerank ranks the fetched chunks: it needs retrieval_k > 0"):
+        ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_rerank=True)
+
+
+def test_a_chunk_is_reranked_by_its_best_matching_token():
+    """log p of the fetched chunks = log_softmax over j of query . key_j + max over chunk j's
+    real tokens of (rerank(query) . state) / sqrt(S * D), computed here by hand."""
+    r = model("none", quote=False)
+    r = Reasoner(r.cfg.__class__(**{**vars(r.cfg), "retrieval_rerank": True}), vocab_size=V, memory_dim=D,
+                 num_states=S, key_dim=DK)
+    with torch.no_grad():
+        r.retrieval.rerank.weight.normal_(0, 0.5)
+    x = torch.randn(2, 1, 32)
+    lookup = BruteLookup()
+    with torch.no_grad():
+        r.retrieval(x, torch.tensor([0]), lookup, r.adapter)
+        q = r.retrieval.query(x)
+        ids = (F.normalize(q, dim=-1) @ lookup.keys.T).topk(3, -1).indices  # (2, 1, 3)
+        tokens = lookup.states[ids].flatten(-2)  # (2, 1, 3, n, S*D)
+        match = torch.einsum("btd,btknd->btkn", r.retrieval.rerank(q), tokens) / (S * D) ** 0.5
+        best = match.masked_fill(~lookup.mask[ids], float("-inf")).amax(-1)
+        expected = (torch.einsum("btd,btkd->btk", q, lookup.keys[ids]) + best).log_softmax(-1)
+    torch.testing.assert_close(lookup.observed[-1], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_queries_only_every_n_steps():
     r = model(every=2)
     tokens, latent, states, mask = inputs(t=7)

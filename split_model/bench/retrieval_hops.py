@@ -35,7 +35,8 @@ VARIANTS = {
     "retrieval_all": ["--model.reasoner.feedback=all"],
     "retrieval_none": ["--model.reasoner.feedback=none"],
     "no_retrieval": ["--model.reasoner.feedback=all", "--model.reasoner.retrieval_k=0",
-                     "--model.reasoner.retrieval_quote=false", "--model.store=null"],
+                     "--model.reasoner.retrieval_quote=false", "--model.reasoner.retrieval_rerank=false",
+                     "--model.store=null"],
 }
 STEPS = 6000  # optimizer steps per variant (--steps overrides)
 WORKERS = 2  # variants trained side by side, one thread each (the machine has 2 cores)

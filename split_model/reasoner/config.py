@@ -41,10 +41,17 @@ class ReasonerConfig:
             of hop h's result; step 0, having no previous step, uses the layer rule).
         retrieval_quote: with retrieval_query previous, the next step's query also quotes what
             this step fetched: an attention from the step's normed final hidden over the
-            fetched tokens' memory states (the deepest layer the store holds), mapped into the
+            fetched tokens' memory states (every layer the store holds), mapped into the
             key space by a zero-initialised projection. A name read in a fetched chunk then
             reaches the next query in the memory's own space, not squeezed through the
             reasoner's width; at initialisation the query is exactly the one without quoting.
+        retrieval_rerank: the fetched chunks' log-probabilities (the attention bias, the
+            quote's preference) also score each chunk's best-matching token: the query mapped
+            by a zero-initialised projection onto the tokens' memory states (every stored
+            layer), max over the chunk's tokens, added to query . key. A mean-pooled key
+            blurs a name among its sentence's words; one token can match it exactly (with the
+            embeddings stored, by word and position). Search itself is unchanged: this ranks
+            the k chunks it fetched.
         memory_window: each memory token also takes in the states of the memory_window
             tokens on either side: a second projection of the backbone states mixed along the
             tokens by a depthwise convolution (zero-initialised), added to the adapted state
@@ -74,6 +81,7 @@ class ReasonerConfig:
     retrieval_layer: int = 1  # query after this many blocks; chunks join the blocks from here up
     retrieval_query: RetrievalQuery = "layer"  # the query's source: this step's layer, or the previous step's output
     retrieval_quote: bool = False  # previous: the next query also quotes the fetched chunks' memory states
+    retrieval_rerank: bool = False  # the fetched chunks are also scored by their best-matching token
     memory_window: int = 0  # tokens either side that each memory token takes in (a convolution)
     memory_layers: int = 0  # trainable self-attention layers over the memory, once per context
 
@@ -103,6 +111,8 @@ class ReasonerConfig:
             raise ValueError("retrieval_quote quotes fetched chunks into the next step's query: it needs "
                              f"retrieval_k > 0 and retrieval_query: previous (got retrieval_k={self.retrieval_k}, "
                              f"retrieval_query={self.retrieval_query!r})")
+        if self.retrieval_rerank and not self.retrieval_k:
+            raise ValueError("retrieval_rerank ranks the fetched chunks: it needs retrieval_k > 0")
         if self.memory_layers < 0 or self.memory_window < 0:
             raise ValueError(f"memory_layers and memory_window must be >= 0, got {self.memory_layers}, "
                              f"{self.memory_window}")

@@ -124,7 +124,8 @@ class Reasoner(nn.Module):
         self.retrieval = None
         if cfg.retrieval_k:  # created last, for the same reason
             self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every, cfg.retrieval_query == "previous",
-                                           quote_dim=num_states * memory_dim if cfg.retrieval_quote else 0)
+                                           quote_dim=num_states * memory_dim if cfg.retrieval_quote else 0,
+                                           rerank_dim=num_states * memory_dim if cfg.retrieval_rerank else 0)
         if cfg.memory_window:  # created last, for the same reason
             self.adapter.window = MemoryWindow(num_states * memory_dim, cfg.d_model, cfg.memory_window)
         if cfg.memory_layers:  # created last, for the same reason

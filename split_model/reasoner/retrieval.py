@@ -13,6 +13,11 @@ other fetched keys. `Lookup.observe` sees those log-probabilities and the querie
 caller that knows which chunk a step should have fetched can add a loss on them (see
 split_model.retrieval.lookup).
 
+With `retrieval_rerank`, p also counts each chunk's best-matching token: score_j =
+query . key_j + max over the chunk's tokens of (rerank(query) . token state), the states of
+every stored layer side by side. It ranks only the k chunks fetched, where a mean-pooled key
+cannot tell two sentences about similar names apart.
+
 With `retrieval_query: previous`, step t+1's query is what step t proposes (`propose`): a
 projection of its normed final hidden state and, with `retrieval_quote`, a quote of what it
 fetched: attention from that state over the fetched tokens' memory states (every stored
@@ -76,9 +81,11 @@ class Fetched:
 class RetrievalHead(nn.Module):
     """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
 
-    def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False, quote_dim: int = 0):
+    def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False, quote_dim: int = 0,
+                 rerank_dim: int = 0):
         """quote_dim: width of the fetched memory states a proposal quotes, S * D_mem for S stored
-        layers (0: no quoting)."""
+        layers (0: no quoting); rerank_dim: the same width, where the fetched chunks are also
+        scored by their best-matching token (0: by their keys alone)."""
         super().__init__()
         self.every = every
         self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
@@ -91,6 +98,10 @@ class RetrievalHead(nn.Module):
             self.quote_read = nn.Linear(d_model, quote_dim, bias=False)  # what to look for among the fetched tokens
             self.quote_write = nn.Linear(quote_dim, key_dim, bias=False)  # memory states -> key space
             nn.init.zeros_(self.quote_write.weight)  # starts as the query without quoting
+        self.rerank = None
+        if rerank_dim:  # retrieval_rerank: created last, for the same reason
+            self.rerank = nn.Linear(key_dim, rerank_dim, bias=False)  # query -> a probe of the chunks' tokens
+            nn.init.zeros_(self.rerank.weight)  # starts as the keys' ranking alone
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module,
                 previous: torch.Tensor | None = None) -> Fetched | None:
@@ -107,7 +118,12 @@ class RetrievalHead(nn.Module):
         found = lookup(q.detach(), positions)
         b, t, k, n = found.mask.shape
         valid = (found.ids >= 0) & asking[None, :, None]  # (B, T, k)
-        scores = torch.einsum("btd,btkd->btk", q, found.keys.to(q.dtype)).masked_fill(~valid, NEG)
+        scores = torch.einsum("btd,btkd->btk", q, found.keys.to(q.dtype))
+        if self.rerank is not None:  # + each chunk's best-matching token
+            tokens = found.states.flatten(-2).to(q.dtype)  # (B, T, k, n, S*D)
+            match = torch.einsum("btd,btknd->btkn", self.rerank(q), tokens) * tokens.shape[-1] ** -0.5
+            scores = scores + match.masked_fill(~found.mask, NEG).amax(-1)
+        scores = scores.masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
         lookup.observe(positions, found.ids.masked_fill(~valid, -1), log_p, q)
         states = adapter(found.states.flatten(0, 2), found.mask.flatten(0, 2))  # (B*T*k, n, S, D) -> (B*T*k, n, d)
