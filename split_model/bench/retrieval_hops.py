@@ -46,7 +46,8 @@ UNSEEN_WORLD = 1  # scored by swapping the store only; configs/world.yaml must n
 # A store's keys average the embeddings (layer 0, which configs/world.yaml reads) and the last
 # layer: a query then matches a name by its words, wherever it stands in the sentence. Keyed by
 # the last layer alone, a query that states "The friend of <name> is" found its fact among world
-# 1's 60,000 in the 4 nearest for 0.937 of the relation facts of 400 questions; keyed by both, 0.987.
+# 1's 60,000 in the 4 nearest for 0.937 of the relation facts of 400 questions; keyed by both, 0.987
+# (`split-model bench retrieval-keys`).
 KEY_LAYERS = "all"
 
 

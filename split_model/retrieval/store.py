@@ -156,8 +156,7 @@ class RetrievalStore:
                 "layers": list(memory.layers), "hidden_size": memory.hidden_size, "num_states": memory.num_states,
                 "key_dim": memory.hidden_size, "key_layers": key_layers, "chunk_tokens": chunk_tokens,
                 "num_chunks": len(chunks), "num_documents": len(texts), "index": asdict(spec), "metric": spec.metric,
-                "created": now,
-                "updated": now, "index_file": "index.faiss", "parts": [{"chunks": len(chunks), **part}],
+                "created": now, "updated": now, "index_file": "index.faiss", "parts": [{"chunks": len(chunks), **part}],
                 "files": {name: _digest(tmp / name) for name in [*part.values(), "index.faiss"]},
             }
             files.write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
