@@ -3,6 +3,8 @@ Lookup interface (here a brute-force lookup over random chunks; the faiss store 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,25 @@ def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, 
         if quote:
             r.retrieval.quote_write.weight.normal_(0, 0.5)  # quoting, so the quote path matters
     return r
+
+
+def twin(r: Reasoner, **changes) -> Reasoner:
+    """A reasoner of r's config with `changes`, built with seed 0 and given r's weights; the
+    weights only it has (created last) keep their initialisation."""
+    torch.manual_seed(0)
+    out = Reasoner(dataclasses.replace(r.cfg, **changes), vocab_size=V, memory_dim=D, num_states=S, key_dim=DK)
+    out.load_state_dict(r.state_dict(), strict=False)
+    return out
+
+
+def same_outputs(new: Reasoner, plain: Reasoner) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asserts both give the same logits on `inputs()`; returns new's (with its graph) and plain's."""
+    tokens, latent, states, mask = inputs()
+    out = new(tokens, latent, memory(new, states, mask, BruteLookup()))
+    with torch.no_grad():
+        ref = plain(tokens, latent, memory(plain, states, mask, BruteLookup()))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    return out, ref
 
 
 def inputs(b: int = 3, t: int = 6, seed: int = 1):
@@ -164,17 +185,10 @@ def test_a_quote_carries_what_a_step_fetched_into_the_next_query():
 def test_quoting_starts_as_the_query_without_quoting_and_learns():
     """The quote's write projection starts at zero: outputs equal the unquoting model's with the
     same seed (its weights are created last), and the loss reaches the quote's projection."""
-    tokens, latent, states, mask = inputs()
     plain = model("all", query="previous")
-    torch.manual_seed(0)
-    quoting = Reasoner(plain.cfg.__class__(**{**vars(plain.cfg), "retrieval_quote": True}), vocab_size=V,
-                       memory_dim=D, num_states=S, key_dim=DK)
-    quoting.load_state_dict(plain.state_dict(), strict=False)
+    quoting = twin(plain, retrieval_quote=True)
     assert not quoting.retrieval.quote_write.weight.any()
-    out = quoting(tokens, latent, memory(quoting, states, mask, BruteLookup()))
-    with torch.no_grad():
-        ref = plain(tokens, latent, memory(plain, states, mask, BruteLookup()))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out, _ = same_outputs(quoting, plain)
     out.square().mean().backward()
     assert quoting.retrieval.quote_write.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="retrieval_quote"):
@@ -185,18 +199,12 @@ def test_reranking_starts_as_the_keys_ranking_and_learns():
     """retrieval_rerank's projection starts at zero: outputs equal the model's without it (its
     weights are created last); the loss reaches it, and the reasoner's parallel pass and its
     step-by-step path agree with it open."""
-    tokens, latent, states, mask = inputs()
     plain = model("all", query="previous", quote=True)
-    torch.manual_seed(0)
-    ranking = Reasoner(plain.cfg.__class__(**{**vars(plain.cfg), "retrieval_rerank": True}), vocab_size=V,
-                       memory_dim=D, num_states=S, key_dim=DK)
-    ranking.load_state_dict(plain.state_dict(), strict=False)
+    ranking = twin(plain, retrieval_rerank=True)
     assert not ranking.retrieval.rerank.weight.any() and ranking.retrieval.rerank.weight.shape == (S * D, DK)
-    out = ranking(tokens, latent, memory(ranking, states, mask, BruteLookup()))
-    with torch.no_grad():
-        ref = plain(tokens, latent, memory(plain, states, mask, BruteLookup()))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out, ref = same_outputs(ranking, plain)
     out.square().mean().backward()
+    tokens, latent, states, mask = inputs()
     assert ranking.retrieval.rerank.weight.grad.abs().sum() > 0
     with torch.no_grad():
         ranking.retrieval.rerank.weight.normal_(0, 0.5)
@@ -211,9 +219,7 @@ def test_reranking_starts_as_the_keys_ranking_and_learns():
 def test_a_chunk_is_reranked_by_its_best_matching_token():
     """log p of the fetched chunks = log_softmax over j of query . key_j + max over chunk j's
     real tokens of (rerank(query) . state) / sqrt(S * D), computed here by hand."""
-    r = model("none", quote=False)
-    r = Reasoner(r.cfg.__class__(**{**vars(r.cfg), "retrieval_rerank": True}), vocab_size=V, memory_dim=D,
-                 num_states=S, key_dim=DK)
+    r = twin(model("none"), retrieval_rerank=True)
     with torch.no_grad():
         r.retrieval.rerank.weight.normal_(0, 0.5)
     x = torch.randn(2, 1, 32)

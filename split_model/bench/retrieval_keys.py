@@ -44,9 +44,7 @@ def layer_means(store, layers: list[int]) -> dict[int, torch.Tensor]:
     out = {i: torch.empty(store.num_chunks, store.hidden_size) for i in layers}
     for start in range(0, store.num_chunks, ROWS):
         ids = np.arange(start, min(start + ROWS, store.num_chunks))
-        states, mask = store.values(ids)  # (R, T, S, D), (R, T)
-        real = mask[:, :, None, None].float()
-        mean = (states.float() * real).sum(1) / real.sum(1)  # (R, S, D)
+        mean = _token_mean(*store.values(ids))  # (R, S, D)
         for i in layers:
             out[i][ids] = F.normalize(mean[:, i], dim=-1)
     return out
@@ -109,5 +107,10 @@ def run(args) -> dict:
 def _mean_states(memory, texts: list[str]) -> torch.Tensor:
     """(B, S, D): each text's mean token state per layer, read as the store reads a chunk."""
     read = memory.encode_texts(texts)
-    real = read.mask[:, :, None, None].to(read.states.dtype)
-    return (read.states * real).sum(1) / real.sum(1)
+    return _token_mean(read.states, read.mask)
+
+
+def _token_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """states (B, N, S, D), mask (B, N) -> (B, S, D): each layer's mean over the real tokens."""
+    real = mask[:, :, None, None].float()
+    return (states.float() * real).sum(1) / real.sum(1)
