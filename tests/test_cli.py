@@ -249,8 +249,13 @@ def test_benchmark_configs_name_the_original_test_files_and_say_when_they_are_mi
                                                  "Sally is a wumpus. True or false: Sally is red.",
                                      "steps": ["Sally is a wumpus. Every wumpus is a dumpus.", "Sally is not red."],
                                      "answer": "False"}]))
-    elif want.suffix == ".json":
-        want.write_text('[{"question": "Is a b?", "steps": ["a is c.", "c is b."], "answer": "yes"}]')
+    elif config == "prosqa.yaml":  # its latent steps are the search's reached sets: a real ProsQA item's graph
+        want.write_text(json.dumps([{"question": "Every wumpus is a dumpus. Every rempus is a tumpus. Tom is a wumpus. "
+                                                 "Is Tom a dumpus or tumpus?",
+                                     "steps": ["Tom is a wumpus.", "Every wumpus is a dumpus."],
+                                     "answer": "Tom is a dumpus.", "idx_to_symbol": ["Tom", "wumpus", "dumpus", "rempus",
+                                                                                     "tumpus"],
+                                     "edges": [[0, 1], [1, 2], [3, 4]], "root": 0, "target": 2, "neg_target": 4}]))
     else:
         want.write_text("1 2 3 4 * 5 6 7 8||5 1 7 0 2 #### 5 6 5 3 7 8 7 3\n")  # 4321 * 8765: the configs check it
     assert len(task.examples("test")) == 1  # present: read like any split (and scored by the same step as valid)

@@ -133,3 +133,23 @@ def test_a_rerun_sets_the_earlier_runs_folder_aside(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "a-all" / "checkpoints" / "last.ckpt").read_text() == "third"
     assert (tmp_path / "runs" / "a-all.previous" / "checkpoints" / "last.ckpt").read_text() == "second"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a-all", "a-all.previous"]
+
+
+@pytest.mark.parametrize("task", ["prosqa", "prontoqa", "icot_4x4", "gsm8k"])
+def test_every_baseline_of_a_benchmark_config_is_a_data_setup_the_formatter_takes(task, capsys):
+    """A variant's overrides must fit the config they override: ProsQA labels sets over a fixed
+    count of latent steps, which written steps (cot) and no steps (latent0) have to undo."""
+    import yaml
+
+    from split_model.cli import dispatch
+    from split_model.memory.tokenizer import ByteTokenizer
+    from split_model.training.format import Formatter
+
+    for _, variant, argv in suite.plan([task], ["all", "cot", "latent0"]):
+        with pytest.raises(SystemExit) as done:
+            dispatch([*argv, "--print_config"])
+        assert done.value.code in (0, None), variant
+        data = yaml.safe_load(capsys.readouterr().out)["data"]
+        f = Formatter(ByteTokenizer(), data["steps"], data["latent_steps"], step_token=data["step_token"],
+                      fixed_steps=data["fixed_steps"])
+        assert f.steps == {"cot": "text", "latent0": "none"}.get(variant, f.steps), variant

@@ -52,7 +52,7 @@ COT = ["--data.steps=text", "--data.latent_steps=0"]
 
 # task -> (config, overrides that select it, overrides of the cot variant or None: no written steps)
 TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
-    "prosqa": ("prosqa.yaml", [], COT),
+    "prosqa": ("prosqa.yaml", [], [*COT, "--data.task.init_args.steps_as=text", "--data.fixed_steps=null"]),  # the config labels sets
     "prontoqa": ("prontoqa.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),  # the config labels latent steps
     "icot_4x4": ("icot_mult_4x4.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),  # the file's partial products
     "icot_5x5": ("icot_mult_5x5.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),
@@ -63,7 +63,7 @@ TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
 }
 VARIANTS = {"all": [], "none": ["--model.reasoner.feedback=none"], "last": ["--model.reasoner.feedback=last"], "cot": None,
             # no thinking steps at all, labelled or not: the answer right after the question
-            "latent0": ["--data.steps=none", "--data.latent_steps=0"],
+            "latent0": ["--data.steps=none", "--data.latent_steps=0", "--data.fixed_steps=null"],
             "smollm2": ["--model.memory.init_args.name=smollm2-135m"]}  # a 6x larger frozen memory
 DEFAULT_VARIANTS = ["all", "none", "last", "cot"]  # the baselines at equal size; latent0 and smollm2 when named
 QUICK = ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2"]

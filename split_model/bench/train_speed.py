@@ -79,7 +79,8 @@ def build(name: str, memory, device: torch.device, batches: int):
     torch.manual_seed(0)
     module = SplitModelModule(memory=memory, reasoner=ReasonerConfig(**model_cfg["reasoner"]),
                               bptt_steps=model_cfg.get("bptt_steps"), output_vocab=model_cfg.get("output_vocab", "full"))
-    formatter = Formatter(memory.tokenizer, data_cfg.get("steps", "text"), data_cfg.get("latent_steps", 0))
+    formatter = Formatter(memory.tokenizer, data_cfg.get("steps", "text"), data_cfg.get("latent_steps", 0),
+                          step_token=data_cfg.get("step_token", "whole"), fixed_steps=data_cfg.get("fixed_steps"))
     module.connect_data(formatter, task)
     examples = task.examples("train")[: batches * bs]
     with tempfile.TemporaryDirectory() as tmp:
