@@ -142,6 +142,16 @@ def merged(earlier: dict, new: dict) -> dict:
     return out
 
 
+def table(tasks: dict[str, dict[str, float]]) -> str:
+    """Markdown table of valid accuracies: a row per task, a column per variant that any task
+    has (in VARIANTS' order), "-" where a task's variant has not been run."""
+    variants = [v for v in VARIANTS if any(v in scores for scores in tasks.values())]
+    lines = ["| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for task, scores in tasks.items():
+        lines.append(f"| {task} | " + " | ".join(f"{scores[v]:.3f}" if v in scores else "-" for v in variants) + " |")
+    return "\n".join(lines)
+
+
 def set_aside(root: Path) -> None:
     """Move an earlier run's folder to ROOT.previous (replacing an older one): Lightning would
     otherwise write this run's checkpoint beside the old last.ckpt as last-v1.ckpt, and the
@@ -185,6 +195,7 @@ def run(args) -> dict:
     partial.unlink(missing_ok=True)  # the final suite.json follows
     if not args.quick and earlier.is_file():  # read at the end: another suite may have finished meanwhile
         out = merged(json.loads(earlier.read_text()), out)
+    log("valid accuracy by task and variant (every run of this suite.json so far):\n" + table(out["tasks"]))
     return {"device": device_name(args), **out,
             "scoring": "valid split, exact match of the generated answer (the task's own scorer), with the train "
                        "split's latent count and token budget; accuracy_oracle uses each row's gold latent count",
