@@ -27,7 +27,7 @@ def test_a_quick_suite_trains_and_scores_each_variant(tiny, tmp_path, monkeypatc
     assert all(0.0 <= a <= 1.0 for a in result["tasks"]["debug"].values())
     params = result["trainable_params"]["debug"]
     assert params["all"] > params["none"] > 0  # the feedback path's parameters
-    assert result["memory_params"]["debug"] > 0
+    assert result["memory_params"]["debug"]["all"] == result["memory_params"]["debug"]["none"] > 0
     assert (tmp_path / "runs" / "debug-none").is_dir()
     assert "--model.reasoner.feedback=none" in result["commands"]["debug"]["none"]
 
@@ -159,3 +159,14 @@ def test_the_suite_prints_its_results_as_a_table_of_tasks_by_variant():
     text = suite.table({"prosqa": {"none": 0.5, "all": 0.597}, "gym_gcd": {"all": 0.98912}})
     assert text.splitlines() == ["| task | all | none |", "|---|---|---|",
                                  "| prosqa | 0.597 | 0.500 |", "| gym_gcd | 0.989 | - |"]
+
+
+def test_memory_parameters_are_kept_per_variant_and_an_older_records_one_number_is_spread_over_its_variants():
+    """The smollm2 variant reads another memory: its count must not replace the others'. A
+    suite.json written when a task had one count keeps it for the variants it held then."""
+    earlier = {"tasks": {"a": {"all": 0.9, "none": 0.8}}, "memory_params": {"a": 22_713_216}}
+    new = {"tasks": {"a": {"smollm2": 0.7}}, "memory_params": {"a": {"smollm2": 134_515_008}}}
+    out = suite.merged(earlier, new)
+    assert out["memory_params"]["a"] == {"all": 22_713_216, "none": 22_713_216, "smollm2": 134_515_008}
+    assert out["tasks"]["a"] == {"all": 0.9, "none": 0.8, "smollm2": 0.7}
+    assert suite.merged({"tasks": {}}, new)["memory_params"] == {"a": {"smollm2": 134_515_008}}

@@ -131,7 +131,11 @@ def merged(earlier: dict, new: dict) -> dict:
     for key, tasks in new.items():
         for task, value in tasks.items():
             if isinstance(value, dict):
-                out[key].setdefault(task, {}).update(value)
+                have = out[key].get(task)
+                if not isinstance(have, dict):  # an older record's one number for the whole task
+                    have = {} if have is None else {v: have for v in earlier.get("tasks", {}).get(task, {})}
+                    out[key][task] = have
+                have.update(value)
             else:
                 out[key][task] = value
     for task, variants in new["tasks"].items():
@@ -186,7 +190,7 @@ def run(args) -> dict:
         out["tasks"].setdefault(task, {})[variant] = r["accuracy"]
         out["accuracy_oracle"].setdefault(task, {})[variant] = r["accuracy_oracle"]
         out["trainable_params"].setdefault(task, {})[variant] = r["trainable_params"]
-        out["memory_params"][task] = r["memory_params"]
+        out["memory_params"].setdefault(task, {})[variant] = r["memory_params"]  # smollm2 and others differ
         out["train_seconds"].setdefault(task, {})[variant] = r["fit_seconds"]
         out["commands"].setdefault(task, {})[variant] = "split-model " + " ".join(argv)
         if not args.quick:
