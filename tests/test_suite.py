@@ -156,7 +156,7 @@ def test_every_baseline_of_a_benchmark_config_is_a_data_setup_the_formatter_take
 
 
 def test_the_suite_prints_its_results_as_a_table_of_tasks_by_variant():
-    text = suite.table({"prosqa": {"none": 0.5, "all": 0.597}, "gym_gcd": {"all": 0.98912}})
+    text = suite.table({"gym_gcd": {"all": 0.98912}, "prosqa": {"none": 0.5, "all": 0.597}})
     assert text.splitlines() == ["| task | all | none |", "|---|---|---|",
                                  "| prosqa | 0.597 | 0.500 |", "| gym_gcd | 0.989 | - |"]
 

@@ -147,11 +147,12 @@ def merged(earlier: dict, new: dict) -> dict:
 
 
 def table(tasks: dict[str, dict[str, float]]) -> str:
-    """Markdown table of valid accuracies: a row per task, a column per variant that any task
-    has (in VARIANTS' order), "-" where a task's variant has not been run."""
+    """Markdown table of valid accuracies: a row per task (in TASKS' order), a column per variant
+    that any task has (in VARIANTS' order), "-" where a task's variant has not been run."""
     variants = [v for v in VARIANTS if any(v in scores for scores in tasks.values())]
     lines = ["| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for task, scores in tasks.items():
+    order = [t for t in TASKS if t in tasks] + [t for t in tasks if t not in TASKS]
+    for task, scores in ((t, tasks[t]) for t in order):
         lines.append(f"| {task} | " + " | ".join(f"{scores[v]:.3f}" if v in scores else "-" for v in variants) + " |")
     return "\n".join(lines)
 
