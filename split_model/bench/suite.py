@@ -48,14 +48,15 @@ GYM = {
     # (a+bi) +/- (c+di) with integer parts in -10..10: two signed additions, answers like "-15.0 + 3.0i"
     "complex_arithmetic": {"operations": ["+", "-"], "operations_weights": [0.5, 0.5]},
 }
-COT = ["--data.steps=text", "--data.latent_steps=0"]
+COT = ["--data.steps=text", "--data.latent_steps=0", "--data.fixed_steps=null"]  # written steps, no latent ones
+COT_TEXT = [*COT, "--data.task.init_args.steps_as=text"]  # for configs whose latent steps use another view of the chain
 
 # task -> (config, overrides that select it, overrides of the cot variant or None: no written steps)
 TASKS: dict[str, tuple[str, list[str], list[str] | None]] = {
-    "prosqa": ("prosqa.yaml", [], [*COT, "--data.task.init_args.steps_as=text", "--data.fixed_steps=null"]),  # the config labels sets
-    "prontoqa": ("prontoqa.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),  # the config labels latent steps
-    "icot_4x4": ("icot_mult_4x4.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),  # the file's partial products
-    "icot_5x5": ("icot_mult_5x5.yaml", [], [*COT, "--data.task.init_args.steps_as=text"]),
+    "prosqa": ("prosqa.yaml", [], COT_TEXT),  # the config labels reached sets
+    "prontoqa": ("prontoqa.yaml", [], COT_TEXT),  # the config labels a backward chaining
+    "icot_4x4": ("icot_mult_4x4.yaml", [], COT_TEXT),  # the file's partial products
+    "icot_5x5": ("icot_mult_5x5.yaml", [], COT_TEXT),
     "gsm8k": ("gsm8k.yaml", [], COT),
     **{f"gym_{name}": ("reasoning_gym.yaml",
                        [f"--data.task.init_args.dataset={name}", f"--data.task.init_args.config={json.dumps(cfg)}"], None)
