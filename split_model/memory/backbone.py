@@ -38,6 +38,8 @@ EncodeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a memory input longer than `max_length` gets: cut to it, or refused.
 LongInputs = Literal["truncate", "error"]
+# One memory state per token, or per word (the mean of its tokens' states).
+Pool = Literal["token", "word"]
 # Config keys that bound the positions a backbone can read, by family (gpt2: n_positions).
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # Config keys that change with library versions or load paths but not with the model.
@@ -90,6 +92,11 @@ class HFMemory(nn.Module):
             `max_length`, with one warning per data set (how many inputs were cut, the longest
             length). "error": ValueError naming the data set, the row and its length.
         seed: seed of the random weights of an inline config.
+        pool: "token": one memory state per token. "word": one per word, the mean of its
+            tokens' states (the tokenizer's `word_tables` say where words start: "ter ##pus"
+            is one word, "." another), so "Every terpus is a brimpus." puts its two ends at
+            the same distance whichever names fill it and however they are split. Padding
+            and special tokens pool alone; states, masks and cache entries are per word.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class HFMemory(nn.Module):
         max_length: int = 512,
         seed: int = 0,
         long_inputs: LongInputs = "truncate",
+        pool: Pool = "token",
     ):
         super().__init__()
         if (name is None) == (config is None):
@@ -109,11 +117,17 @@ class HFMemory(nn.Module):
                              "set model.memory.init_args.max_length")
         if long_inputs not in ("truncate", "error"):
             raise ValueError(f"HFMemory long_inputs must be truncate or error, got {long_inputs!r}")
+        if pool not in ("token", "word"):
+            raise ValueError(f"HFMemory pool must be token or word, got {pool!r}")
         # long_inputs only decides whether an input is refused, never the states: not in the fingerprint.
         self.spec = {"name": name, "config": config, "layers": [-1] if layers is None else list(layers),
-                     "max_length": max_length, "seed": seed, "long_inputs": long_inputs}
-        self.max_length, self.long_inputs = max_length, long_inputs
+                     "max_length": max_length, "seed": seed, "long_inputs": long_inputs, "pool": pool}
+        self.max_length, self.long_inputs, self.pool = max_length, long_inputs, pool
         model, self.tokenizer, self.path = _load(name, config, seed)
+        # (continues, joins) per token id; buffers, so they follow the backbone's device.
+        tables = self.tokenizer.word_tables() if pool == "word" else (torch.zeros(0, dtype=torch.bool),) * 2
+        self.register_buffer("_continues", tables[0], persistent=False)
+        self.register_buffer("_joins", tables[1], persistent=False)
         self._positions = _position_limit(model)
         if self._positions is not None and max_length > self._positions[0]:
             limit, key = self._positions
@@ -142,9 +156,9 @@ class HFMemory(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the (volatile-key-free) config, the layer choice and every weight."""
+        """sha256 of the (volatile-key-free) config, the layer choice, the pooling and every weight."""
         if self._fingerprint is None:
-            self._fingerprint = _fingerprint(self.model, self.layers)
+            self._fingerprint = _fingerprint(self.model, self.layers, self.pool)
         return self._fingerprint
 
     # -- frozen for good ------------------------------------------------------------------
@@ -174,7 +188,8 @@ class HFMemory(nn.Module):
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> MemoryStates:
-        """input_ids, attention_mask: (B, N) -> MemoryStates with fp32 states (B, N, S, D).
+        """input_ids, attention_mask: (B, N) -> MemoryStates with fp32 states (B, N, S, D),
+        or (B, W, S, D) and a (B, W) mask of W words with pool: word.
 
         `dtype` below fp32 runs the backbone under autocast: the weights stay fp32 (so the
         fingerprint and later fp32 reads are untouched) and norms keep fp32 where autocast
@@ -191,7 +206,26 @@ class HFMemory(nn.Module):
             states = out.last_hidden_state.unsqueeze(2)
         else:
             states = torch.stack([out.hidden_states[i] for i in self.layers], dim=2)
+        if self.pool == "word":
+            return pool_words(states.float(), attention_mask.bool(), self.word_starts(input_ids, attention_mask.bool()))
         return MemoryStates(states=states.float(), mask=attention_mask.bool())
+
+    def word_starts(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: real tokens that start a word (every real token with pool: token)."""
+        if self.pool == "token":
+            return mask.clone()
+        ids = input_ids.to(self._continues.device)
+        cont = self._continues[ids]
+        cont[:, 1:] &= self._joins[ids[:, :-1]]
+        cont[:, 0] = False
+        return (mask & ~cont.to(mask.device))
+
+    def state_lengths(self, ids: list[list[int]]) -> list[int]:
+        """How many memory states each row of token ids becomes: its tokens, or its words."""
+        if self.pool == "token":
+            return [len(x) for x in ids]
+        padded, mask = pad_batch(ids, self.tokenizer.pad_id) if ids else (torch.zeros(0, 0, dtype=torch.long),) * 2
+        return self.word_starts(padded, mask.bool()).sum(1).tolist()
 
     def context_ids(self, texts: list[str], desc: str = "the memory inputs") -> list[list[int]]:
         """Token ids of each text as the memory reads it, with the `long_inputs` policy applied
@@ -225,6 +259,22 @@ class HFMemory(nn.Module):
         """Tokenize and encode on the backbone's device, in the precision the cache would use there."""
         ids, mask = self.tokenize(texts, desc)
         return self.encode(ids.to(self.device), mask.to(self.device), dtype=encode_dtype(self.device, dtype))
+
+
+def pool_words(states: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor) -> MemoryStates:
+    """(B, N, S, D) token states -> the mean of each word's tokens, (B, W, S, D), with the
+    (B, W) mask of real words. starts (B, N): real tokens that start a word; a real token that
+    does not belongs to the word before it. Padding counts in no word."""
+    word = starts.long().cumsum(1) - 1  # (B, N): index of the word each token belongs to
+    n_words = starts.sum(1)  # (B,)
+    width = int(n_words.max()) if starts.numel() else 0
+    b, n, s, d = states.shape
+    real = (mask & (word >= 0)).to(states.dtype)
+    flat = (word.clamp(min=0) + torch.arange(b, device=states.device)[:, None] * width).view(-1)  # (B*N,)
+    sums = states.new_zeros(b * width, s, d).index_add_(0, flat, (states * real[..., None, None]).view(b * n, s, d))
+    counts = states.new_zeros(b * width).index_add_(0, flat, real.view(-1))
+    pooled = (sums / counts.clamp(min=1)[:, None, None]).view(b, width, s, d)
+    return MemoryStates(states=pooled, mask=torch.arange(width, device=states.device)[None, :] < n_words[:, None])
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,9 +435,10 @@ def _truncate(model: nn.Module, keep: int) -> None:
             break
 
 
-def _fingerprint(model: nn.Module, layers: list[int]) -> str:
+def _fingerprint(model: nn.Module, layers: list[int], pool: Pool = "token") -> str:
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    h = hashlib.sha256(json.dumps({"config": cfg, "layers": layers}, sort_keys=True, default=str).encode())
+    what = {"config": cfg, "layers": layers} | ({} if pool == "token" else {"pool": pool})  # token: as before pooling existed
+    h = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode())
     for key, tensor in sorted(model.state_dict().items()):
         h.update(key.encode())
         h.update(str(tuple(tensor.shape)).encode())

@@ -161,7 +161,8 @@ class MemoryCache:
             files.remove(tmp)
     def _write(self, tmp: Path, ids: list[list[int]], desc: str) -> None:
         """states.npy, offsets.npy and manifest.json of an entry, into `tmp`."""
-        offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+        # Row i holds state_lengths(ids)[i] states: its tokens, or its words (pool: word).
+        offsets = np.concatenate([[0], np.cumsum(self.memory.state_lengths(ids))]).astype(np.int64)
         shape = (int(offsets[-1]), self.memory.num_states, self.memory.hidden_size)
         out = np.lib.format.open_memmap(tmp / "states.npy", mode="w+", dtype=np.float16, shape=shape)
         with self.memory.placed_on(self.device):
@@ -179,27 +180,31 @@ class MemoryCache:
 
     def _encode_into(self, out: np.ndarray, ids: list[list[int]], offsets: np.ndarray, desc: str) -> tuple[int, float]:
         """Fills `out` row by row; returns how many values were clamped to fp16 and the largest |x|."""
-        lengths = np.diff(offsets)
+        lengths = np.diff(offsets)  # states per row
+        tokens = np.array([len(x) for x in ids], dtype=np.int64)  # what the backbone reads per row
         clamped, peak = 0, 0.0
-        bar = tqdm(total=int(offsets[-1]), unit="tok", unit_scale=True, desc=f"encoding {desc} with the memory",
+        bar = tqdm(total=int(tokens.sum()), unit="tok", unit_scale=True, desc=f"encoding {desc} with the memory",
                    file=sys.stderr, leave=False)
         with bar:
-            for rows in token_batches(lengths, self.tokens_per_batch, self.max_rows):
-                if lengths[rows[0]] == 0:  # only empty rows left: nothing to store
+            for rows in token_batches(tokens, self.tokens_per_batch, self.max_rows):
+                if tokens[rows[0]] == 0:  # only empty rows left: nothing to store
                     break
                 real, n_big, big = self._encode_batch([ids[r] for r in rows], desc)
                 clamped, peak = clamped + n_big, max(peak, big)
                 starts = np.concatenate([[0], np.cumsum(lengths[rows])])
+                if starts[-1] != len(real):
+                    raise RuntimeError(f"the memory returned {len(real)} states for rows that should have {starts[-1]}")
                 for j, r in enumerate(rows):
                     out[offsets[r] : offsets[r + 1]] = real[starts[j] : starts[j + 1]]
-                bar.update(int(starts[-1]))
+                bar.update(int(tokens[rows].sum()))
         return clamped, peak
 
     def _encode_batch(self, batch: list[list[int]], desc: str) -> tuple[np.ndarray, int, float]:
         """(real tokens of the batch's rows one after another, S, D) float16; clamp count; largest |x|."""
         input_ids, mask = pad_batch(batch, self.memory.tokenizer.pad_id)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        real = self.memory.encode(input_ids, mask, self.dtype).states[mask.bool()]  # (tokens, S, D) fp32
+        read = self.memory.encode(input_ids, mask, self.dtype)
+        real = read.states[read.mask]  # (tokens or words, S, D) fp32
         peak = float(real.abs().max())  # the one host sync per batch; NaN propagates into it
         if not np.isfinite(peak):
             raise ValueError(f"the memory produced non-finite states while encoding {desc} in {self.dtype}; "
@@ -214,7 +219,8 @@ def extraction_code() -> str:
     makes new cache keys, so states computed by older code are never read back."""
     from split_model.memory import backbone
 
-    parts = [backbone.HFMemory.encode, backbone.pad_batch, MemoryCache._encode_batch, MemoryCache._encode_into]
+    parts = [backbone.HFMemory.encode, backbone.pad_batch, MemoryCache._encode_batch, MemoryCache._encode_into,
+             backbone.pool_words, backbone.HFMemory.word_starts]
     try:
         source = "".join(inspect.getsource(f) for f in parts)
     except (OSError, TypeError):  # no source files (a frozen install): the format version alone

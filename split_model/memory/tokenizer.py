@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
+import torch
+
 
 class TextTokenizer(Protocol):
     vocab_size: int  # number of token ids the reasoner's embedding must cover
@@ -26,6 +28,10 @@ class TextTokenizer(Protocol):
         """`encode_context`'s ids, and how many tokens the input has before the cut."""
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def word_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(continues, joins), each (vocab_size,) bool, for grouping tokens into words: token
+        i continues the word of token i-1 when continues[id_i] and joins[id_{i-1}]."""
 
 
 class ByteTokenizer:
@@ -46,6 +52,11 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def word_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A word is a space and the ASCII letters and digits after it ("Every", " terpus")."""
+        alnum = torch.tensor([chr(i).isascii() and chr(i).isalnum() for i in range(256)] + [False] * 3)
+        return alnum, alnum | (torch.arange(self.vocab_size) == ord(" "))
 
 
 class HFTokenizer:
@@ -78,6 +89,26 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def word_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """WordPiece: a "##" piece continues the word before it ("ter", "##pus"). Byte-level
+        BPE and SentencePiece: a piece without the space marker (Ġ, ▁) that starts with a
+        letter or digit continues a piece that ends with one, so "terpus." is the word
+        "terpus" and the word ".". Special tokens are words of their own."""
+        pieces = [p or "" for p in self.hf.convert_ids_to_tokens(list(range(self.vocab_size)))]
+        special = set(self.hf.all_special_ids)
+        if any(p.startswith("##") for p in pieces):
+            continues = [p.startswith("##") and i not in special for i, p in enumerate(pieces)]
+            joins = [i not in special for i in range(len(pieces))]
+        else:
+            uses = {m: sum(len(p) > 1 and p.startswith(m) for p in pieces) for m in ("\u0120", "\u2581")}  # Ġ, ▁
+            marker = max(uses, key=uses.get)
+            if not uses[marker]:
+                raise ValueError(f"cannot tell where words start in the tokenizer {type(self.hf).__name__}: it is "
+                                 "neither WordPiece (##) nor marks spaces (Ġ, ▁); use pool: token")
+            continues = [i not in special and p[:1].isalnum() and not p.startswith(marker) for i, p in enumerate(pieces)]
+            joins = [i not in special and p[-1:].isalnum() for i, p in enumerate(pieces)]
+        return torch.tensor(continues), torch.tensor(joins)
 
 
 def _first_id(*candidates: int | None) -> int:

@@ -362,7 +362,7 @@ def _write_part(root: Path, names: dict[str, str], memory: HFMemory, chunks: lis
     """Encode `chunks` and write their files; returns their keys (n, D) float32 as stored
     (rounded to fp16), which is what the faiss index must hold."""
     n, shape = len(chunks), (memory.num_states, memory.hidden_size)
-    lengths = np.array([len(c.ids) for c in chunks], dtype=np.int32)
+    lengths = np.array(memory.state_lengths([c.ids for c in chunks]), dtype=np.int32)  # tokens, or words
     values = np.lib.format.open_memmap(root / names["values"], mode="w+", dtype=np.float16,
                                        shape=(n, chunk_tokens, *shape))
     keys = np.zeros((n, memory.hidden_size), dtype=np.float32)
@@ -391,9 +391,9 @@ def _encode(memory: HFMemory, ids: list[list[int]], lengths: np.ndarray, values:
     with bar:
         for rows in token_batches(lengths, tokens_per_batch, MAX_ROWS):
             input_ids, mask = pad_batch([ids[r] for r in rows], memory.tokenizer.pad_id)
-            mask = mask.to(device)
-            states = memory.encode(input_ids.to(device), mask, dtype).states  # (B, N, S, D) fp32
-            real = mask[:, :, None, None].to(states.dtype)  # (B, N, 1, 1)
+            read = memory.encode(input_ids.to(device), mask.to(device), dtype)
+            states = read.states  # (B, N, S, D) fp32: N tokens, or words (pool: word)
+            real = read.mask[:, :, None, None].to(states.dtype)  # (B, N, 1, 1)
             states = states * real  # zero padding, in the stored values and in the key's sum
             mean = states.sum(1) / real.sum(1)  # (B, S, D): each layer's mean over real tokens
             if key_layers == "last":
