@@ -12,21 +12,23 @@ import torch.nn.functional as F
 
 from split_model.reasoner import Reasoner, ReasonerConfig
 
-MODES = ("none", "last", "all")
+MODES = ("none", "last", "all", "all+tokens")  # all+tokens: feedback all with feedback_tokens
 VOCAB, MEM_DIM, MEM_STATES, D = 40, 12, 2, 32
 
 
 def gate_parameters(model: Reasoner) -> list[torch.Tensor]:
-    """The feedback gate's weights, whatever its shape (scalar, per channel or a matrix)."""
-    gate = model.feedback.gate
-    return [gate] if isinstance(gate, torch.Tensor) else list(gate.parameters())
+    """The feedback gates' weights, whatever their shape (scalar, per channel or a matrix)."""
+    gates = [g for g in (model.feedback.gate, model.feedback.token_gate) if g is not None]
+    return [p for g in gates for p in ([g] if isinstance(g, torch.Tensor) else g.parameters())]
 
 
 def make_reasoner(feedback: str, seed: int = 0, gate: float | None = 0.7) -> Reasoner:
-    """A tiny reasoner. Unless `gate` is None, the feedback gate is set to that openness
-    (0 shuts it) and the layer mix is randomised."""
+    """A tiny reasoner; feedback "all+tokens" is feedback all with feedback_tokens. Unless
+    `gate` is None, the feedback gates are set to that openness (0 shuts them) and the layer
+    mix is randomised."""
     torch.manual_seed(seed)
-    cfg = ReasonerConfig(d_model=D, n_layers=2, n_heads=4, embed_rank=8, feedback=feedback)
+    mode, _, tokens = feedback.partition("+")
+    cfg = ReasonerConfig(d_model=D, n_layers=2, n_heads=4, embed_rank=8, feedback=mode, feedback_tokens=tokens == "tokens")
     model = Reasoner(cfg, vocab_size=VOCAB, memory_dim=MEM_DIM, num_states=MEM_STATES)
     if gate is not None and model.feedback is not None:
         with torch.no_grad():
@@ -102,7 +104,7 @@ def test_step_with_kv_cache_equals_forward(mode):
         torch.testing.assert_close(stepped, uncached_reference(model, mem, tokens, latent))
 
 
-@pytest.mark.parametrize("mode", ["last", "all"])
+@pytest.mark.parametrize("mode", ["last", "all", "all+tokens"])
 def test_fresh_feedback_model_computes_what_none_computes(mode):
     plain, fed = make_reasoner("none", gate=None), make_reasoner(mode, gate=None)
     assert not any(p.any() for p in gate_parameters(fed))
@@ -116,6 +118,29 @@ def test_fresh_feedback_model_computes_what_none_computes(mode):
 
 
 # -- feedback carries step t into step t+1 ---------------------------------------------------------
+@pytest.mark.parametrize("output_vocab", [None, [3, 5, 7, 11, 39]])
+def test_token_feedback_hands_the_next_step_the_embedding_its_output_distribution_expects(output_vocab):
+    model = make_reasoner("all+tokens", gate=0.0)  # the layer-state gate shut: only the tokens' path is open
+    if output_vocab is not None:
+        model.set_output_vocab(torch.tensor(output_vocab))
+    with torch.no_grad():
+        model.feedback.token_gate.weight.copy_(torch.eye(D))
+    tokens, latent = step_inputs()
+    _, state = model.step(model.start(memory(model)), tokens[:, 0], latent[:, 0])
+    last = state.layer_states[-1]  # (B, 1, d)
+    probs = model.logits(model.norm(last)).softmax(-1)  # (B, 1, V or K)
+    ids = torch.arange(VOCAB) if output_vocab is None else torch.tensor(output_vocab)
+    want = torch.einsum("btk,kd->btd", probs, model.embed(ids))  # sum_i p_i E_i
+    torch.testing.assert_close(model.feedback(state.layer_states), want)
+    assert (probs.amax(-1) < 0.9).all()  # a spread distribution: the mixture differs from any one row
+    assert all((want - model.embed(i)).abs().amax() > 1e-3 for i in ids)
+
+
+def test_token_feedback_needs_a_feedback_path():
+    with pytest.raises(ValueError, match="feedback_tokens .* needs feedback last or all"):
+        ReasonerConfig(feedback="none", feedback_tokens=True)
+
+
 def _two_steps(model: Reasoner, states_at_0=None):
     """Logits of step 1, optionally with step 0's layer states replaced (its KV cache kept)."""
     tokens, latent = step_inputs()

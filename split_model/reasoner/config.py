@@ -21,6 +21,13 @@ class ReasonerConfig:
         mlp_ratio: MLP hidden width as a multiple of d_model.
         feedback: what flows from step t into step t+1 besides the token: none (a plain
             decoder), last (the last layer's output), all (a learned mix of every layer).
+        feedback_tokens: with feedback last or all, step t+1 also takes in the input
+            embedding that step t's own output distribution expects, sum_i p_i E_i (as a
+            sampled token would be fed in, but soft and differentiable), through its own
+            zero-initialised d x d gate. Where a step is trained to name a set of tokens, this
+            hands the next step that set as a clean superposition of their embeddings, which
+            the layer states carry only mixed with everything else. Cost per step: the
+            output head once more (over the output vocabulary when one is set).
         embed_rank: rank of the factorised token embedding shared by input and output; keeps
             a large backbone vocabulary cheap.
         rope_base: base of the rotary position embedding of self-attention.
@@ -73,6 +80,7 @@ class ReasonerConfig:
     n_heads: int = 4  # attention heads
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
     feedback: FeedbackMode = "all"  # what of step t reaches step t+1
+    feedback_tokens: bool = False  # also feed back the expected embedding of step t's output distribution
     embed_rank: int = 64  # factorised (V, r) x (r, d) embedding, tied with the output head
     rope_base: float = 10000.0  # rotary base for self-attention positions
     halting: bool = False  # learned halting of latent steps
@@ -98,6 +106,9 @@ class ReasonerConfig:
             raise ValueError(f"head width d_model/n_heads={self.d_model // self.n_heads} must be even for rotary")
         if self.feedback not in ("none", "last", "all"):
             raise ValueError(f"feedback must be one of none, last, all; got {self.feedback!r}")
+        if self.feedback_tokens and self.feedback == "none":
+            raise ValueError("feedback_tokens feeds step t's output distribution into step t+1: it needs "
+                             "feedback last or all, got none")
         if not 0.0 < self.halt_threshold < 1.0:
             raise ValueError(f"halt_threshold must be strictly between 0 and 1, got {self.halt_threshold}")
         if self.retrieval_k < 0 or self.retrieval_every < 1:

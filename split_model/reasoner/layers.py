@@ -7,6 +7,7 @@ serves a fully parallel pass (T = all, empty cache) and a recurrent step (T = 1)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,13 @@ class Feedback(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         self.gate = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         nn.init.zeros_(self.gate.weight)
+        self.token_gate = None
+        if cfg.feedback_tokens:  # created last: every other weight as without it
+            self.token_gate = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            nn.init.zeros_(self.token_gate.weight)
+        # (..., d) last block output -> (..., d) the input embedding its output distribution
+        # expects; set by the Reasoner, which owns the head (a plain attribute, not a module).
+        self.expected_input: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, layer_states: torch.Tensor) -> torch.Tensor:
         """layer_states: (L+1, B, T, d) of step(s) t -> (B, T, d) input for step(s) t+1."""
@@ -281,7 +289,10 @@ class Feedback(nn.Module):
             h = torch.einsum("l,lbtd->btd", self.mix.softmax(0), layer_states)
         else:
             h = layer_states[-1]
-        return self.gate(self.norm(self.proj(h)))
+        out = self.gate(self.norm(self.proj(h)))
+        if self.token_gate is not None:
+            out = out + self.token_gate(self.expected_input(layer_states[-1]))
+        return out
 
     def openness(self) -> torch.Tensor:
         """RMS of the gate's weights: 0 while feedback is closed."""

@@ -116,6 +116,8 @@ class Reasoner(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         # Created last so that, for one seed, every other weight equals the `none` model's.
         self.feedback = Feedback(cfg) if cfg.feedback != "none" else None
+        if self.feedback is not None and cfg.feedback_tokens:
+            self.feedback.expected_input = self.expected_input
         self.halt = None
         if cfg.halting:  # created after every other weight, for the same reason
             self.halt = nn.Linear(cfg.d_model, 1)
@@ -230,6 +232,13 @@ class Reasoner(nn.Module):
         if self.output_ids is None:
             return self.embed.logits(hidden)
         return (hidden @ self.embed.up) @ self.embed.table[self.embed.index(self.output_ids)].T
+
+    def expected_input(self, last: torch.Tensor) -> torch.Tensor:
+        """(..., d) output of the last block -> (..., d) the input embedding that its output
+        distribution expects, sum_i p_i E_i over the output vocabulary (feedback_tokens)."""
+        probs = self.logits(self.norm(last)).softmax(-1)
+        rows = self.embed.table if self.output_ids is None else self.embed.table[self.embed.index(self.output_ids)]
+        return (probs @ rows) @ self.embed.up.T
 
     def token_ids(self, index: torch.Tensor) -> torch.Tensor:
         """Positions in the logits -> token ids."""

@@ -219,7 +219,7 @@ class StaticDecoder:
         self.tables = reasoner.position_tables(max_steps, like.device)
         causal = causal_bias(max_steps, like)
         self.kv = [StepKV(b, cfg.n_heads, cfg.head_dim, causal) for _ in range(cfg.n_layers)]
-        self.layer_states = like.new_zeros(cfg.n_layers + 1, b, 1, cfg.d_model)  # zero states feed back exactly 0
+        self.layer_states = like.new_zeros(cfg.n_layers + 1, b, 1, cfg.d_model)  # what step 0 reads: masked out
         self.pos = torch.zeros((), dtype=torch.long, device=like.device)
 
     def reset(self) -> None:
@@ -233,7 +233,9 @@ class StaticDecoder:
         feats = self.tables.features.index_select(0, pos)  # (1, d)
         x = (torch.where(latent[:, None], r.latent_input, r.embed(tokens)) + r.position.proj(feats))[:, None]  # (B, 1, d)
         if r.feedback is not None:
-            x = x + r.feedback(self.layer_states)
+            # Step 0 has no predecessor: zero states would still feed back feedback_tokens'
+            # uniform distribution, so the feedback is masked there (a tensor op, no host sync).
+            x = x + r.feedback(self.layer_states) * (self.pos > 0).to(x.dtype)
         cos, sin = self.tables.cos.index_select(0, pos), self.tables.sin.index_select(0, pos)
         causal = self.kv[0].causal.index_select(0, pos)  # (1, T_max): slots after this step masked
         layer_states = [x]

@@ -912,7 +912,7 @@ RL_REFERENCE_KEY = "split_model_rl_reference"  # checkpoint entry: the reference
 _SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "feedback", "embed_rank", "halting", "retrieval_k")
 _RENAMED = {"reasoner.latent": "reasoner.latent_input"}  # old state-dict key -> new
 TABLE_KEY = "reasoner.embed.table"
-_NO_DECAY = {"gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
+_NO_DECAY = {"gate", "token_gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
             "matmul_precision", "training_mode", "jacobi_passes", "halting_weight", "nonfinite", "store",
             "retrieval_loss", "retrieval_negatives", "retrieval_teacher", "exclude_question")
