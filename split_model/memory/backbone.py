@@ -95,8 +95,9 @@ class HFMemory(nn.Module):
         pool: "token": one memory state per token. "word": one per word, the mean of its
             tokens' states (the tokenizer's `word_tables` say where words start: "ter ##pus"
             is one word, "." another), so "Every terpus is a brimpus." puts its two ends at
-            the same distance whichever names fill it and however they are split. Padding
-            and special tokens pool alone; states, masks and cache entries are per word.
+            the same distance whichever names fill it and however they are split. Special
+            tokens are words of their own, padding belongs to none; states, masks and cache
+            entries are per word.
     """
 
     def __init__(
