@@ -381,9 +381,12 @@ class FactorisedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table[self.index(ids)] @ self.up.T  # (..., r) -> (..., d)
 
+    def head_rows(self) -> torch.Tensor:
+        """(V, r): every id's row (a dropped id reads the shared row)."""
+        return self.table if self.rows is None else self.table[self.rows]
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        table = self.table if self.rows is None else self.table[self.rows]
-        return (h @ self.up) @ table.T  # (..., d) -> (..., r) -> (..., V)
+        return (h @ self.up) @ self.head_rows().T  # (..., d) -> (..., r) -> (..., V)
 
 
 def _extra_rows(table: torch.Tensor, n: int) -> torch.Tensor:

@@ -227,17 +227,21 @@ class Reasoner(nn.Module):
         proposal = self.retrieval.propose(hidden, fetched) if self._queries_previous(memory) else None
         return hidden, torch.stack(layer_states), new_caches, proposal
 
+    def head_rows(self) -> torch.Tensor:
+        """(V, r) embedding rows the head scores, or (K, r) when an output vocabulary is set."""
+        if self.output_ids is None:
+            return self.embed.head_rows()
+        return self.embed.table[self.embed.index(self.output_ids)]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., V), or (..., K) over output_ids when an output vocabulary is set."""
-        if self.output_ids is None:
-            return self.embed.logits(hidden)
-        return (hidden @ self.embed.up) @ self.embed.table[self.embed.index(self.output_ids)].T
+        return (hidden @ self.embed.up) @ self.head_rows().T
 
     def expected_input(self, last: torch.Tensor) -> torch.Tensor:
         """(..., d) output of the last block -> (..., d) the input embedding that its output
         distribution expects, sum_i p_i E_i over the output vocabulary (feedback_tokens)."""
-        probs = self.logits(self.norm(last)).softmax(-1)
-        rows = self.embed.table if self.output_ids is None else self.embed.table[self.embed.index(self.output_ids)]
+        rows = self.head_rows()  # gathered once for the logits and the mixture
+        probs = ((self.norm(last) @ self.embed.up) @ rows.T).softmax(-1)
         return (probs @ rows) @ self.embed.up.T
 
     def token_ids(self, index: torch.Tensor) -> torch.Tensor:

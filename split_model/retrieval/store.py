@@ -366,7 +366,8 @@ def _write_part(root: Path, names: dict[str, str], memory: HFMemory, chunks: lis
     values = np.lib.format.open_memmap(root / names["values"], mode="w+", dtype=np.float16,
                                        shape=(n, chunk_tokens, *shape))
     keys = np.zeros((n, memory.hidden_size), dtype=np.float32)
-    _encode(memory, [c.ids for c in chunks], lengths, values, keys, tokens_per_batch, desc, key_layers)
+    tokens = np.array([len(c.ids) for c in chunks], dtype=np.int32)  # batches are sized by what the backbone reads
+    _encode(memory, [c.ids for c in chunks], tokens, values, keys, tokens_per_batch, desc, key_layers)
     values.flush()
     del values
     if metric == "ip":
