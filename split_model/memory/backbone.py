@@ -228,6 +228,33 @@ class HFMemory(nn.Module):
         padded, mask = pad_batch(ids, self.tokenizer.pad_id) if ids else (torch.zeros(0, 0, dtype=torch.long),) * 2
         return self.word_starts(padded, mask.bool()).sum(1).tolist()
 
+    def state_spans(self, texts: list[str], desc: str = "the memory inputs") -> list[list[tuple[int, int]]]:
+        """Which characters of its text each memory state reads: per text, one (start, end) per
+        state, in the order of `context_ids` (a token, or with pool: word a word's tokens
+        together); special tokens read none, (0, 0). Needs a fast Hugging Face tokenizer
+        (character offsets)."""
+        hf = getattr(self.tokenizer, "hf", None)
+        if hf is None or not getattr(hf, "is_fast", False):
+            raise ValueError(f"the memory's tokenizer ({type(hf or self.tokenizer).__name__}) gives no character "
+                             "offsets: locating text in its states needs a fast Hugging Face tokenizer")
+        out = []
+        for text, row in zip(texts, self.context_ids(texts, desc)):
+            enc = hf(text, return_offsets_mapping=True, truncation=True, max_length=self.max_length, verbose=False)
+            if enc["input_ids"] != row:
+                raise ValueError(f"the memory reads {desc} as other tokens than its tokenizer's offsets describe")
+            special = set(hf.all_special_ids)
+            spans = [(0, 0) if i in special else (int(a), int(b)) for i, (a, b) in zip(row, enc["offset_mapping"])]
+            if self.pool == "word":
+                ids = torch.tensor([row])
+                word = (self.word_starts(ids, torch.ones_like(ids, dtype=torch.bool))[0].cumsum(0) - 1).tolist()
+                merged = [(0, 0)] * (word[-1] + 1)
+                for w, (a, b) in zip(word, spans):
+                    if (a, b) != (0, 0):
+                        merged[w] = (a, b) if merged[w] == (0, 0) else (merged[w][0], b)
+                spans = merged
+            out.append(spans)
+        return out
+
     def context_ids(self, texts: list[str], desc: str = "the memory inputs") -> list[list[int]]:
         """Token ids of each text as the memory reads it, with the `long_inputs` policy applied
         to texts longer than `max_length`; `desc` names the data set in warnings and errors."""

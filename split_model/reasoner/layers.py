@@ -130,6 +130,9 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         # tanh(1) ~ 0.76: open from the start, since a reasoner trained from scratch needs its memory.
         self.gate = nn.Parameter(torch.ones(()))
+        # A list while someone watches where this layer reads: each call appends its attention
+        # over the memory, (B, H, T, N), computed explicitly (for a loss on it; see evidence_loss).
+        self.record: list[torch.Tensor] | None = None
 
     def memory_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, _ = mem.shape  # mem: (B, N, d) adapted memory states
@@ -142,7 +145,11 @@ class CrossAttention(nn.Module):
         together with the memory in one softmax."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)  # (B, H, T, dh)
-        if extra is None:
+        if extra is None and self.record is not None:
+            p = (q @ kv[0].transpose(-1, -2) * self.dh**-0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+            self.record.append(p)
+            y = p @ kv[1]
+        elif extra is None:
             y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
         else:
             y = self._with_fetched(q, kv, mask, extra)
@@ -158,6 +165,8 @@ class CrossAttention(nn.Module):
         s_got = torch.einsum("bhtd,bthmd->bhtm", q, rk) * scale + extra.bias[:, None]  # (B, H, T, M)
         p = torch.cat([s_mem, s_got], dim=-1).softmax(-1)
         n = s_mem.shape[-1]
+        if self.record is not None:
+            self.record.append(p[..., :n])
         return p[..., :n] @ kv[1] + torch.einsum("bhtm,bthmd->bhtd", p[..., n:], rv)  # (B, H, T, dh)
 
 

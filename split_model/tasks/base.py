@@ -27,6 +27,9 @@ class Example:
     question: str  # the context, read once by the frozen memory backbone
     steps: tuple[str, ...]  # reasoning steps (chain of thought); may be empty
     answer: str  # the reference answer text
+    # Optional: per reasoning step, the (start, end) character spans of `question` that the step
+    # reads (ProsQA's label sets: the facts each hop of the search follows); see `evidence_loss`.
+    evidence: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
 
 class Task(ABC):

@@ -118,6 +118,44 @@ def reached_steps(item: dict[str, Any], frontier: bool = False) -> tuple[str, ..
     return steps
 
 
+_FACT = re.compile(r"(?:Every )?(\S+) is an? (\S+?)\.")
+
+
+def fact_spans(question: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """Where a question states each "is a" fact: (subject, class) -> the character span of the
+    sentence ("Every terpus is a brimpus." or "Tom is a terpus."), full stop included."""
+    spans = {}
+    for sentence in re.finditer(r"[^.?!]+[.?!]", question):
+        start = sentence.start() + len(sentence.group()) - len(sentence.group().lstrip())
+        fact = _FACT.fullmatch(question, start, sentence.end())
+        if fact:
+            spans[(fact.group(1), fact.group(2))] = (start, sentence.end())
+    return spans
+
+
+def reached_evidence(item: dict[str, Any], question: str) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+    """What each step of `reached_steps` reads in the question: hop 0 nothing (the question
+    names the root), hop k >= 1 the sentences of every fact leaving a node first reached at
+    hop k - 1 (the facts that search step follows), in the order of `edges`. The same for
+    `frontier` steps. None when a fact of the graph is not stated in the question as "Every A
+    is a B." or "A is a B." (the search's steps then carry no evidence)."""
+    symbols = [str(s) for s in item["idx_to_symbol"]]
+    edges = [(int(a), int(b)) for a, b in item["edges"]]
+    dist = reachable(edges, int(item["root"]))
+    spans = fact_spans(question)
+    steps: list[tuple[tuple[int, int], ...]] = [()]
+    for k in range(1, max(dist.values()) + 1):
+        step = []
+        for a, b in edges:
+            if dist.get(a) == k - 1:
+                span = spans.get((symbols[a], symbols[b]))
+                if span is None:
+                    return None
+                step.append(span)
+        steps.append(tuple(step))
+    return tuple(steps)
+
+
 def backward_steps(item: dict[str, Any]) -> tuple[str, ...]:
     """Backward chaining over a graph item, one step per hop from the goals back to the root.
 
@@ -287,7 +325,8 @@ class CoconutJSON(FileTask):
             return Example(example.question, tuple(step_node(s) for s in example.steps), example.answer)
         if self.steps_as in ("reached", "frontier"):
             graph = self.graph(example, item)
-            return Example(example.question, reached_steps(graph, self.steps_as == "frontier"), example.answer)
+            return Example(example.question, reached_steps(graph, self.steps_as == "frontier"), example.answer,
+                           evidence=reached_evidence(graph, example.question))
         if self.steps_as == "backward":
             return Example(example.question, backward_steps(self.graph(example, item)), example.answer)
         return example

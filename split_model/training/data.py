@@ -41,15 +41,20 @@ class Item(NamedTuple):
     steps: torch.Tensor  # (T, 4 + W) int64 per position: token, latent, label, answer, then W set labels
     n_latent: int
     example: Example
+    evidence: torch.Tensor | None = None  # (E, 2) int64 (position, memory state) pairs; see evidence_pairs
 
 
 class TaskDataset(Dataset):
-    """One split: examples, their sequences and their cached memory states."""
+    """One split: examples, their sequences and their cached memory states. `spans`: per
+    example, the characters each memory state reads (`HFMemory.state_spans`), where the
+    examples name their steps' evidence."""
 
-    def __init__(self, examples: list[Example], states: CachedStates, formatter: Formatter):
+    def __init__(self, examples: list[Example], states: CachedStates, formatter: Formatter,
+                 spans: list[list[tuple[int, int]]] | None = None):
         self.raw = examples
         self.examples = [formatter.canonical(e) for e in examples]
         self.states = states
+        self.spans = spans
         self.reformat(formatter)
 
     def reformat(self, formatter: Formatter) -> None:
@@ -57,12 +62,38 @@ class TaskDataset(Dataset):
         curriculum stage). Loader workers already started keep the old copy until the next epoch."""
         self.sequences = [formatter.encode(e) for e in self.raw]
         self._steps = _step_tensors(self.sequences)
+        self.evidence = None
+        if self.spans is not None:
+            self.evidence = [evidence_pairs(q, e.evidence, s)
+                             for q, e, s in zip(self.sequences, self.raw, self.spans)]
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Item:
-        return Item(self.states.row(i), self._steps[i], self.sequences[i].n_latent, self.examples[i])
+        evidence = None if self.evidence is None else self.evidence[i]
+        return Item(self.states.row(i), self._steps[i], self.sequences[i].n_latent, self.examples[i], evidence)
+
+
+def evidence_pairs(sequence: Sequence, evidence, spans: list[tuple[int, int]]) -> torch.Tensor | None:
+    """(E, 2) int64: each labelled latent step's position in `sequence` with every memory state
+    whose characters (`spans`, per state) overlap a span the example names as that step's
+    evidence (`Example.evidence`; the k-th labelled latent position is step k, and positions
+    past the example's steps, as `fixed_steps` repeats the last, get none). None when the
+    example names no evidence."""
+    if evidence is None:
+        return None
+    sets = sequence.label_sets or [()] * len(sequence.tokens)
+    labelled = [t for t, (lat, lab, ls) in enumerate(zip(sequence.latent, sequence.labels, sets))
+                if lat and (lab != IGNORE or ls)]
+    starts = np.array([a for a, _ in spans]), np.array([b for _, b in spans])
+    reads = starts[1] > starts[0]  # special tokens read no characters
+    pairs = []
+    for position, step in zip(labelled, evidence):
+        for a, b in step:
+            for state in np.flatnonzero(reads & (starts[0] < b) & (starts[1] > a)):
+                pairs.append((position, int(state)))
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
 
 def _step_tensors(sequences: list[Sequence]) -> tuple[torch.Tensor, ...]:
@@ -91,6 +122,12 @@ def collate(items: list[Item]) -> dict:
     }
     if width > 4:
         batch["label_sets"] = steps[..., 4:].masked_fill(~real[..., None], IGNORE).contiguous()
+    if any(it.evidence is not None for it in items):  # (B, T, N): the memory states each step should read
+        evidence = torch.zeros(*tokens.shape, mem_mask.shape[1], dtype=torch.bool)
+        for b, it in enumerate(items):
+            if it.evidence is not None and len(it.evidence):
+                evidence[b, it.evidence[:, 0], it.evidence[:, 1]] = True
+        batch["evidence"] = evidence
     return batch
 
 
@@ -305,8 +342,20 @@ class TaskDataModule(LightningDataModule):
         for split in _STAGE_SPLITS[stage]:
             if split not in self.datasets:
                 states = self._split_states(split, build)
-                self.datasets[split] = TaskDataset(self.task.examples(split), states, self.formatter)
+                examples = self.task.examples(split)
+                self.datasets[split] = TaskDataset(examples, states, self.formatter, self._spans(examples, split))
         self._set_default_latent()
+
+    def _spans(self, examples: list[Example], split: Split) -> list[list[tuple[int, int]]] | None:
+        """The characters each memory state reads, where the examples name their steps' evidence
+        (None otherwise, or when the memory's tokenizer gives no offsets: then no batch carries
+        `evidence`, and a model with `evidence_loss` says so)."""
+        if not any(e.evidence for e in examples):
+            return None
+        try:
+            return self.memory.state_spans([e.question for e in examples], f"{self.task.name}/{split}")
+        except ValueError:
+            return None
 
     def _set_default_latent(self) -> None:
         """What evaluation may know about an unseen question, from the train split alone: the

@@ -108,6 +108,13 @@ class SplitModelModule(LightningModule):
             queries are good. Evaluation never does.
         exclude_question: never fetch a chunk whose text is the question itself (for corpora
             that hold the training questions).
+        evidence_loss: weight of a loss on where the first block's cross-attention reads, for
+            tasks whose examples name what each reasoning step reads in the question
+            (`Example.evidence`; ProsQA with steps_as reached or frontier: the facts each hop
+            of the search follows): at each labelled latent step, -log of the attention mass,
+            averaged over the heads, on the memory states of those characters. 0: off. On, the
+            recurrence runs step by step (execution dynamic; no graphs), as the attention is
+            computed explicitly; train/ and val/evidence_mass log that mass.
         matmul_precision: float32 matmul precision set on a CUDA device at setup
             (torch.set_float32_matmul_precision): "high" (TF32 tensor cores, measured faster
             for training), "highest" (full fp32) or "medium". Ignored on CPU.
@@ -146,6 +153,7 @@ class SplitModelModule(LightningModule):
         retrieval_negatives: int = 1024,
         retrieval_teacher: bool = True,
         exclude_question: bool = False,
+        evidence_loss: float = 0.0,
         objective: Literal["supervised", "rl"] = "supervised",
         rl: RLConfig = RLConfig(),  # never mutated: safe as a default
         init_from: str | None = None,
@@ -167,6 +175,8 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"nonfinite must be one of stop, skip, off; got {nonfinite!r}")
         if matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
+        if evidence_loss < 0:
+            raise ValueError(f"evidence_loss must be >= 0, got {evidence_loss}")
         if retrieval_loss < 0 or retrieval_negatives < 0:
             raise ValueError(f"retrieval_loss and retrieval_negatives must be >= 0, got {retrieval_loss}, "
                              f"{retrieval_negatives}")
@@ -188,6 +198,7 @@ class SplitModelModule(LightningModule):
         # (exact, see _set_terms) is its label, and which positions have a set, (B, T) each.
         self.set_found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.halt_loss: torch.Tensor | None = None  # the last _forward's halting loss (halting on)
+        self.evidence_mass: torch.Tensor | None = None  # the last _forward's attention on the steps' evidence
         self.task: Task | None = None
         self._format_spec: dict | None = None
         self._graphed: GraphedTraining | None = None
@@ -335,7 +346,8 @@ class SplitModelModule(LightningModule):
         execution, bptt = self.hparams.execution, self.hparams.bptt_steps
         mode = self.training_mode if self.training and torch.is_grad_enabled() else "sequential"
         halting = self.reasoner.halt is not None
-        if self._uses_graphs(batch):
+        watched = self._watches_evidence(batch)
+        if self._uses_graphs(batch) and not watched:
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
             return self._graphed(*args, batch["mem_states"], batch["mem_mask"], mode, self.jacobi_passes), None, None
@@ -345,9 +357,35 @@ class SplitModelModule(LightningModule):
         elif mode == "jacobi":
             out = self.reasoner.forward_jacobi(*args, mem, self.jacobi_passes, bptt, return_hidden=halting)
         else:
-            forward = self.reasoner.forward_dynamic if execution == "dynamic" else self.reasoner
+            # The fixed-shape path computes attention inside its own kernels: a watched layer runs dynamic.
+            forward = self.reasoner.forward_dynamic if execution == "dynamic" or watched else self.reasoner
             out = forward(*args, mem, bptt, return_hidden=halting)
         return (out[0], mem, out[1]) if halting else (out, mem, None)
+
+    def _watches_evidence(self, batch: dict) -> bool:
+        """Whether this forward records the first block's attention for the evidence loss."""
+        if not self.hparams.evidence_loss:
+            return False
+        if "evidence" not in batch:
+            if not self.training:  # evaluation needs no evidence: it is only watched where there is some
+                return False
+            raise ValueError(
+                "evidence_loss needs examples that name what each reasoning step reads (Example.evidence: "
+                "ProsQA with data.task.init_args.steps_as reached or frontier, read by a memory with a fast "
+                "Hugging Face tokenizer); this data has none: set model.evidence_loss=0")
+        return True
+
+    def _evidence_terms(self, batch: dict, record: list[torch.Tensor]) -> torch.Tensor:
+        """-log of the first block's head-averaged attention mass on each labelled step's evidence,
+        averaged over the steps that have some; sets `evidence_mass` (their mean mass)."""
+        t = batch["tokens"].shape[1]
+        p = record[-1] if record[-1].shape[2] == t else torch.cat(record, dim=2)  # jacobi: the last pass
+        evidence = batch["evidence"]  # (B, T, N)
+        mass = (p[:, :, -t:].mean(1) * evidence).sum(-1)  # (B, T)
+        has = evidence.any(-1)
+        n = has.sum().clamp_min(1)
+        self.evidence_mass = (mass * has).sum().detach() / n
+        return -(mass.clamp_min(1e-6).log() * has).sum() / n
 
     def _uses_graphs(self, batch: dict) -> bool:
         """Whether this batch's forward and backward run as captured CUDA graphs: training (in
@@ -390,7 +428,16 @@ class SplitModelModule(LightningModule):
         return -1 if found is None else found
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, mem, hidden = self._logits(batch)
+        watched = self.reasoner.blocks[0].xattn if self._watches_evidence(batch) else None
+        self.evidence_mass = None
+        if watched is not None:
+            watched.record = []
+        try:
+            logits, mem, hidden = self._logits(batch)
+        finally:
+            record = None if watched is None else watched.record
+            if watched is not None:
+                watched.record = None
         labels = self._label_index(batch["labels"])
         self.halt_loss = None
         # The mean over scored labels, without asking the host whether there are any (a sync per
@@ -403,6 +450,8 @@ class SplitModelModule(LightningModule):
             self.set_found = (found, exact, with_set)
             total, count = total + set_total, count + set_count
         loss = total / count.clamp_min(1)
+        if record:
+            loss = loss + self.hparams.evidence_loss * self._evidence_terms(batch, record)
         lookup = None if mem is None else mem.lookup
         if lookup is not None:
             loss = loss + self._retrieval_terms(lookup, labels.shape[0])
@@ -542,6 +591,8 @@ class SplitModelModule(LightningModule):
             self.log("train/set_exact", self.set_recall(exact=True), batch_size=b)
         if self.halt_loss is not None:
             self.log("train/halt_loss", self.halt_loss, batch_size=b)
+        if self.evidence_mass is not None:
+            self.log("train/evidence_mass", self.evidence_mass, batch_size=b)
         if diagnostics:
             if self.reasoner.feedback is not None:
                 self.log("train/feedback_gate", self.reasoner.feedback.openness(), batch_size=b)
@@ -692,6 +743,8 @@ class SplitModelModule(LightningModule):
                 self.log(f"{prefix}/set_exact_step{k}", value, batch_size=b, sync_dist=True)
         if self.halt_loss is not None:
             self.log(f"{prefix}/halt_loss", self.halt_loss, batch_size=b, sync_dist=True)
+        if self.evidence_mass is not None:
+            self.log(f"{prefix}/evidence_mass", self.evidence_mass, batch_size=b, sync_dist=True)
         self.log(f"{prefix}/accuracy", score, prog_bar=True, batch_size=b, sync_dist=True)
 
     def jacobi_gap(self, batch: dict, mem) -> torch.Tensor:
