@@ -55,6 +55,11 @@ def test_prosqa_examples_carry_evidence_only_for_search_steps(tmp_path):
     frontier = ProsQA(train_path=str(path), valid_path=str(path), steps_as="frontier").examples("valid")[0]
     assert frontier.evidence == searched.evidence
     assert ProsQA(train_path=str(path), valid_path=str(path)).examples("valid")[0].evidence is None
+    named = ProsQA(train_path=str(path), valid_path=str(path), steps_as="reached", evidence="class")
+    assert [texts(step) for step in named.examples("valid")[0].evidence] == [
+        [], ["terpus", "dumpus"], ["brimpus"], ["lempus"]]  # the classes each hop adds, where the facts state them
+    with pytest.raises(ValueError, match="evidence must be fact or class"):
+        ProsQA(valid_path=str(path), evidence="sentence")
     for item in generate_prosqa(50, seed=3):  # the generator states every fact of its graphs
         assert reached_evidence(item, item["question"]) is not None
 

@@ -74,6 +74,7 @@ def _examples(items: list[Any], source: str, view) -> list[Example]:
 
 
 StepsAs = Literal["text", "nodes", "reached", "frontier", "backward"]
+EvidencePart = Literal["fact", "class"]
 
 
 def step_node(step: str) -> str:
@@ -121,28 +122,31 @@ def reached_steps(item: dict[str, Any], frontier: bool = False) -> tuple[str, ..
 _FACT = re.compile(r"(?:Every )?(\S+) is an? (\S+?)\.")
 
 
-def fact_spans(question: str) -> dict[tuple[str, str], tuple[int, int]]:
+def fact_spans(question: str, part: EvidencePart = "fact") -> dict[tuple[str, str], tuple[int, int]]:
     """Where a question states each "is a" fact: (subject, class) -> the character span of the
-    sentence ("Every terpus is a brimpus." or "Tom is a terpus."), full stop included."""
+    sentence ("Every terpus is a brimpus." or "Tom is a terpus.", full stop included), or with
+    part="class" of the class's name in it ("brimpus")."""
     spans = {}
     for sentence in re.finditer(r"[^.?!]+[.?!]", question):
         start = sentence.start() + len(sentence.group()) - len(sentence.group().lstrip())
         fact = _FACT.fullmatch(question, start, sentence.end())
         if fact:
-            spans[(fact.group(1), fact.group(2))] = (start, sentence.end())
+            spans[(fact.group(1), fact.group(2))] = fact.span(2) if part == "class" else (start, sentence.end())
     return spans
 
 
-def reached_evidence(item: dict[str, Any], question: str) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+def reached_evidence(item: dict[str, Any], question: str,
+                     part: EvidencePart = "fact") -> tuple[tuple[tuple[int, int], ...], ...] | None:
     """What each step of `reached_steps` reads in the question: hop 0 nothing (the question
-    names the root), hop k >= 1 the sentences of every fact leaving a node first reached at
-    hop k - 1 (the facts that search step follows), in the order of `edges`. The same for
+    names the root), hop k >= 1 every fact leaving a node first reached at hop k - 1 (the
+    facts that search step follows), in the order of `edges`: the sentences, or with
+    part="class" the names of the classes they state (the nodes the hop adds). The same for
     `frontier` steps. None when a fact of the graph is not stated in the question as "Every A
     is a B." or "A is a B." (the search's steps then carry no evidence)."""
     symbols = [str(s) for s in item["idx_to_symbol"]]
     edges = [(int(a), int(b)) for a, b in item["edges"]]
     dist = reachable(edges, int(item["root"]))
-    spans = fact_spans(question)
+    spans = fact_spans(question, part)
     steps: list[tuple[tuple[int, int], ...]] = [()]
     for k in range(1, max(dist.values()) + 1):
         step = []
@@ -291,6 +295,7 @@ class CoconutJSON(FileTask):
         test_path: str | None = None,
         max_examples: int | None = None,
         steps_as: StepsAs = "text",
+        evidence: EvidencePart = "fact",
     ) -> None:
         """Point each split at a Coconut JSON file.
 
@@ -310,11 +315,17 @@ class CoconutJSON(FileTask):
                 (ProsQA items carry it; ProntoQA's is parsed from the question, see
                 `prontoqa_graph`) and label each latent step with a set of nodes with
                 `data.step_token: set`.
+            evidence: with steps_as reached or frontier, what each search step names as the
+                part of the question it reads (`Example.evidence`, taught by the model's
+                `evidence_loss`): "fact", the sentences of the facts the hop follows, or
+                "class", the names of the classes they state.
         """
         super().__init__(train_path, valid_path, test_path, max_examples)
         if steps_as not in ("text", "nodes", "reached", "frontier", "backward"):
             raise ValueError(f"steps_as must be text, nodes, reached, frontier or backward, got {steps_as!r}")
-        self.steps_as = steps_as
+        if evidence not in ("fact", "class"):
+            raise ValueError(f"evidence must be fact or class, got {evidence!r}")
+        self.steps_as, self.evidence = steps_as, evidence
 
     def parse_file(self, path: Path) -> list[Example]:
         return _examples(read_coconut_items(path), str(path), self._steps_view)
@@ -326,7 +337,7 @@ class CoconutJSON(FileTask):
         if self.steps_as in ("reached", "frontier"):
             graph = self.graph(example, item)
             return Example(example.question, reached_steps(graph, self.steps_as == "frontier"), example.answer,
-                           evidence=reached_evidence(graph, example.question))
+                           evidence=reached_evidence(graph, example.question, self.evidence))
         if self.steps_as == "backward":
             return Example(example.question, backward_steps(self.graph(example, item)), example.answer)
         return example
@@ -382,6 +393,7 @@ class ProsQA(CoconutJSON):
         seed: int = 0,
         vocabulary_path: str | None = None,
         steps_as: StepsAs = "text",
+        evidence: EvidencePart = "fact",
     ) -> None:
         """Point each split at a Coconut JSON file, or generate the train split.
 
@@ -399,8 +411,9 @@ class ProsQA(CoconutJSON):
                 ("nodes"), as the nodes reached so far ("reached"), as the nodes first
                 reached at each hop ("frontier") or as a backward chaining from the two
                 options ("backward"), as for every Coconut JSON task.
+            evidence: what each search step reads ("fact" or "class"), as for every Coconut JSON task.
         """
-        super().__init__(train_path, valid_path, test_path, max_examples, steps_as)
+        super().__init__(train_path, valid_path, test_path, max_examples, steps_as, evidence)
         if n_generated < 1:
             raise ValueError(f"n_generated must be >= 1, got {n_generated}")
         self.n_generated = n_generated
