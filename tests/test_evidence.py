@@ -139,6 +139,9 @@ def test_evidence_loss_teaches_the_first_block_to_read_each_hops_facts(tmp_path,
         dm.setup("fit")
         return collate([dm.datasets["train"][i] for i in range(8)])
 
+    plain_model = SplitModelModule(memory=memory, reasoner=tiny.reasoner_config())
+    assert "evidence" not in batch_for(plain_model)  # located only for a model that learns from it
+
     torch.manual_seed(0)
     module = SplitModelModule(memory=memory, reasoner=tiny.reasoner_config(), evidence_loss=1.0, lr=1e-2)
     batch = batch_for(module)

@@ -289,12 +289,14 @@ class TaskDataModule(LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "memory"
         self.memory: HFMemory | None = None
+        self.wants_evidence = False  # the connected model has an evidence_loss: batches carry `evidence`
         self.formatter: Formatter | None = None
         self.datasets: dict[str, TaskDataset] = {}
 
     def connect(self, model) -> None:
         """Bind to the model's memory backbone; hand the model this data's formatter."""
         self.memory = model.memory
+        self.wants_evidence = float(getattr(model, "hparams", {}).get("evidence_loss", 0.0)) > 0
         self.formatter = Formatter(model.memory.tokenizer, self.steps, self.latent_steps,
                                    step_token=self.step_token, fixed_steps=self.fixed_steps)
         model.connect_data(self.formatter, self.task)
@@ -347,10 +349,10 @@ class TaskDataModule(LightningDataModule):
         self._set_default_latent()
 
     def _spans(self, examples: list[Example], split: Split) -> list[list[tuple[int, int]]] | None:
-        """The characters each memory state reads, where the examples name their steps' evidence
-        (None otherwise, or when the memory's tokenizer gives no offsets: then no batch carries
-        `evidence`, and a model with `evidence_loss` says so)."""
-        if not any(e.evidence for e in examples):
+        """The characters each memory state reads, where the model learns from the steps' evidence
+        and the examples name it (None otherwise, or when the memory's tokenizer gives no offsets:
+        then no batch carries `evidence`, and a model with `evidence_loss` says so)."""
+        if not self.wants_evidence or not any(e.evidence for e in examples):
             return None
         try:
             return self.memory.state_spans([e.question for e in examples], f"{self.task.name}/{split}")

@@ -346,7 +346,7 @@ class SplitModelModule(LightningModule):
         execution, bptt = self.hparams.execution, self.hparams.bptt_steps
         mode = self.training_mode if self.training and torch.is_grad_enabled() else "sequential"
         halting = self.reasoner.halt is not None
-        watched = self._watches_evidence(batch)
+        watched = self.reasoner.blocks[0].xattn.record is not None  # see _forward
         if self._uses_graphs(batch) and not watched:
             if self._graphed is None:
                 self._graphed = GraphedTraining(self.reasoner, bptt)
@@ -381,7 +381,7 @@ class SplitModelModule(LightningModule):
         t = batch["tokens"].shape[1]
         p = record[-1] if record[-1].shape[2] == t else torch.cat(record, dim=2)  # jacobi: the last pass
         evidence = batch["evidence"]  # (B, T, N)
-        mass = (p[:, :, -t:].mean(1) * evidence).sum(-1)  # (B, T)
+        mass = (p.mean(1) * evidence).sum(-1)  # (B, T)
         has = evidence.any(-1)
         n = has.sum().clamp_min(1)
         self.evidence_mass = (mass * has).sum().detach() / n
