@@ -181,3 +181,22 @@ def test_evidence_loss_must_not_be_negative(tiny):
 
     with pytest.raises(ValueError, match="evidence_loss"):
         SplitModelModule(memory=tiny.memory("llama"), reasoner=tiny.reasoner_config(), evidence_loss=-1.0)
+
+
+def test_evidence_a_memory_cannot_locate_is_a_warning_then_a_clear_error_in_training(tmp_path, tiny):
+    from split_model.training import SplitModelModule, TaskDataModule
+
+    path = tmp_path / "prosqa.json"
+    path.write_text(json.dumps([ITEM] * 4))
+    module = SplitModelModule(memory=tiny.memory("llama", max_length=256), reasoner=tiny.reasoner_config(),
+                              evidence_loss=1.0)
+    dm = TaskDataModule(ProsQA(train_path=str(path), valid_path=str(path), steps_as="reached"),
+                        steps="latent", step_token="set", batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm.connect(module)
+    dm.prepare_data()
+    with pytest.warns(UserWarning, match="cannot be located"):
+        dm.setup("fit")
+    batch = collate([dm.datasets["train"][i] for i in range(4)])
+    module.train()
+    with pytest.raises(ValueError, match="fast Hugging Face tokenizer"):
+        module._forward(batch)

@@ -237,12 +237,11 @@ class HFMemory(nn.Module):
         if hf is None or not getattr(hf, "is_fast", False):
             raise ValueError(f"the memory's tokenizer ({type(hf or self.tokenizer).__name__}) gives no character "
                              "offsets: locating text in its states needs a fast Hugging Face tokenizer")
-        out = []
+        out, special = [], set(hf.all_special_ids)
         for text, row in zip(texts, self.context_ids(texts, desc)):
             enc = hf(text, return_offsets_mapping=True, truncation=True, max_length=self.max_length, verbose=False)
             if enc["input_ids"] != row:
                 raise ValueError(f"the memory reads {desc} as other tokens than its tokenizer's offsets describe")
-            special = set(hf.all_special_ids)
             spans = [(0, 0) if i in special else (int(a), int(b)) for i, (a, b) in zip(row, enc["offset_mapping"])]
             if self.pool == "word":
                 ids = torch.tensor([row])

@@ -13,6 +13,7 @@ encode: they wait for rank 0's cache entry to appear on disk.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -356,7 +357,9 @@ class TaskDataModule(LightningDataModule):
             return None
         try:
             return self.memory.state_spans([e.question for e in examples], f"{self.task.name}/{split}")
-        except ValueError:
+        except ValueError as e:
+            warnings.warn(f"the evidence of {self.task.name}/{split} cannot be located in the memory's states "
+                          f"({e}); its batches carry none", stacklevel=2)
             return None
 
     def _set_default_latent(self) -> None:
