@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from split_model.bench import log
+from split_model.tasks.coconut_json import FACT
 
-FACT = re.compile(r"(?:(?:Every|Each) )?(?P<a>\w+) (?P<verb>is) an? (?P<b>\w+)(?P<stop>\.)")
 POSITIONS = ("a", "verb", "b", "stop")  # the fact's subject, "is", object and full stop
 PROBE_STEPS = 300
 

@@ -119,20 +119,16 @@ def reached_steps(item: dict[str, Any], frontier: bool = False) -> tuple[str, ..
     return steps
 
 
-_FACT = re.compile(r"(?:Every )?(\S+) is an? (\S+?)\.")
+# A ProsQA fact as its questions state it: "Every terpus is a brimpus." or "Tom is a terpus."
+# (subject a, verb, class b, full stop; "Each" as some generators write "Every").
+FACT = re.compile(r"(?:(?:Every|Each) )?(?P<a>\w+) (?P<verb>is) an? (?P<b>\w+)(?P<stop>\.)")
 
 
 def fact_spans(question: str, part: EvidencePart = "fact") -> dict[tuple[str, str], tuple[int, int]]:
     """Where a question states each "is a" fact: (subject, class) -> the character span of the
     sentence ("Every terpus is a brimpus." or "Tom is a terpus.", full stop included), or with
     part="class" of the class's name in it ("brimpus")."""
-    spans = {}
-    for sentence in re.finditer(r"[^.?!]+[.?!]", question):
-        start = sentence.start() + len(sentence.group()) - len(sentence.group().lstrip())
-        fact = _FACT.fullmatch(question, start, sentence.end())
-        if fact:
-            spans[(fact.group(1), fact.group(2))] = fact.span(2) if part == "class" else (start, sentence.end())
-    return spans
+    return {(m["a"], m["b"]): m.span("b") if part == "class" else m.span() for m in FACT.finditer(question)}
 
 
 def reached_evidence(item: dict[str, Any], question: str,
