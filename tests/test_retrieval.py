@@ -26,6 +26,7 @@ class BruteLookup:
         self.k, self.key_dim, self.empty = k, DK, empty
         self.positions: list[list[int]] = []
         self.observed: list[torch.Tensor] = []
+        self.quoted: list[torch.Tensor] = []
 
     def __call__(self, queries, positions):
         self.positions.append(positions.tolist())
@@ -38,6 +39,9 @@ class BruteLookup:
 
     def observe(self, positions, ids, log_probs, queries):
         self.observed.append(log_probs)
+
+    def observe_quote(self, positions, ids, shares):
+        self.quoted.append(shares)
 
 
 def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, query: str = "layer",
@@ -180,6 +184,38 @@ def test_a_quote_carries_what_a_step_fetched_into_the_next_query():
         expected = r.retrieval.previous(hidden) + r.retrieval.quote_write(quoted)
         r.step(state, tokens[:, 1], latent[:, 1])
     torch.testing.assert_close(spy.queries[:, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_quotes_share_of_each_fetched_chunk_is_observed_and_learns():
+    """observe_quote gets, per querying position, the quote's attention summed over each fetched
+    chunk's tokens: shares of 1 in all where a position fetched something. A loss on one chunk's
+    share reaches the quote's read projection and, trained, raises that share."""
+    r = model("all", query="previous", quote=True)
+    tokens, latent, states, mask = inputs()
+    lookup = BruteLookup()
+    r(tokens, latent, memory(r, states, mask, lookup))
+    shares = torch.cat(lookup.quoted, 1)  # (B, T, k): one call per step on the step-by-step path
+    assert shares.shape == (3, 6, 3)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(3, 6))
+    assert (shares >= 0).all()
+
+    class Fixed(BruteLookup):  # the same chunks whatever the query: a fixed target
+        def __call__(self, queries, positions):
+            return super().__call__(self.keys[:1].expand_as(queries) * 5, positions)
+
+    lookup = Fixed()
+    opt = torch.optim.Adam(r.retrieval.quote_read.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        lookup.quoted.clear()
+        r(tokens, latent, memory(r, states, mask, lookup))
+        share = torch.cat(lookup.quoted, 1)[..., 0]  # every position's first fetched chunk
+        loss = -share.clamp_min(1e-9).log().mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] / 2, losses
 
 
 def test_quoting_starts_as_the_query_without_quoting_and_learns():
@@ -411,6 +447,37 @@ def test_store_lookup_scores_recall_and_teaches_only_when_asked(tmp_path):
     assert StoreLookup(store, 2, "cpu").loss() is None
 
 
+def test_pick_loss_is_minus_log_the_fetched_gold_chunks_share(tmp_path):
+    """Where a step fetched its gold chunk, the pick loss adds -log of that chunk's share, of the
+    reasoner's preference (observe's log p) and of the quote (observe_quote's shares); a step
+    whose gold chunk was not fetched, or that has none, adds nothing. pick_share is the mean p."""
+    from conftest import tiny_memory
+
+    from split_model.retrieval.lookup import StoreLookup
+
+    import numpy as np
+
+    store, docs = _facts_store(tmp_path, tiny_memory("bert"))
+    gold = np.array([[store.find(docs[2]), -1], [store.find(docs[3]), store.find(docs[0])]])
+    g00, g10, g11 = (int(i) for i in (gold[0, 0], gold[1, 0], gold[1, 1]))
+    others = [i for i in range(4) if i not in (g00, g10, g11)]  # one chunk is none of the three
+    ids = torch.tensor([[[g00, g10], [g10, g11]], [[g00, others[0]], [g00, g11]]])  # gold fetched at (0,0) and (1,1)
+    log_p = torch.log(torch.tensor([[[0.8, 0.2], [0.5, 0.5]], [[0.5, 0.5], [0.3, 0.7]]])).requires_grad_()
+    lookup = StoreLookup(store, 2, "cpu", gold=gold)
+    assert lookup.pick_loss() is None and lookup.pick_share() is None
+    lookup.observe(torch.tensor([0, 1]), ids, log_p, torch.zeros(2, 2, store.key_dim, requires_grad=True))
+    torch.testing.assert_close(lookup.pick_loss(), -(torch.tensor(0.8).log() + torch.tensor(0.7).log()) / 2)
+    assert lookup.pick_share() == pytest.approx(0.75)
+    shares = torch.tensor([[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.1, 0.9]]], requires_grad=True)
+    lookup.observe_quote(torch.tensor([0, 1]), ids, shares)
+    expected = -(np.log(0.8) + np.log(0.7) + np.log(0.5) + np.log(0.9)) / 4
+    assert float(lookup.pick_loss()) == pytest.approx(expected, rel=1e-5)
+    assert lookup.pick_share() == pytest.approx(0.75)  # the chunks' preference only
+    lookup.pick_loss().backward()
+    assert log_p.grad[0, 0, 0] < 0 and log_p.grad[1, 1, 1] < 0 and log_p.grad.count_nonzero() == 2
+    assert shares.grad.count_nonzero() == 2
+
+
 def test_a_retrieving_model_needs_a_store_and_refuses_one_it_cannot_use(tmp_path):
     from conftest import tiny_memory
 
@@ -446,6 +513,44 @@ def test_gold_chunks_follow_the_querying_steps(tmp_path):
     ids = [store.find(d) for d in docs]
     assert gold.tolist() == [[ids[1], -1, ids[3], -1], [-1, -1, ids[0], -1]]
     assert module.gold_chunks([Example("q", ("nowhere",), "z")]) is None
+
+
+def test_the_pick_loss_joins_the_training_loss_with_its_weight(tmp_path):
+    """model.retrieval_pick_loss w adds w times the lookup's pick loss (gold chunks are known:
+    each question's step is a fact of the store, slipped in by the teacher where missed); a
+    negative weight is refused."""
+    from conftest import tiny_memory
+
+    from split_model.tasks import Example, Task
+    from split_model.training import SplitModelModule, TaskDataModule
+
+    memory = tiny_memory("bert")
+    _, docs = _facts_store(tmp_path, memory)
+
+    class Facts(Task):
+        name = "facts"
+
+        def examples(self, split):
+            return [Example(f"where does {d.split()[0]} live?", (d,), d.split()[-1][:-1]) for d in docs]
+
+    cfg = ReasonerConfig(d_model=32, n_layers=2, n_heads=4, embed_rank=8, retrieval_k=2, retrieval_query="previous",
+                         retrieval_quote=True)
+    with pytest.raises(ValueError, match="retrieval_pick_loss must be >= 0"):
+        SplitModelModule(memory=memory, reasoner=cfg, store=str(tmp_path / "s"), retrieval_pick_loss=-1.0)
+    torch.manual_seed(0)
+    module = SplitModelModule(memory=memory, reasoner=cfg, store=str(tmp_path / "s"), retrieval_pick_loss=0.0)
+    dm = TaskDataModule(Facts(), steps="none", latent_steps=2, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm.connect(module)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module.train()
+    losses = {}
+    for w in (0.0, 1.0, 3.0):
+        module.hparams.retrieval_pick_loss = w
+        losses[w] = module._forward(batch)[0].item()
+    pick = losses[1.0] - losses[0.0]
+    assert pick > 0.05  # -log of a share below 1, at each of the 4 questions' one querying step
+    assert losses[3.0] - losses[0.0] == pytest.approx(3 * pick, rel=1e-4)
 
 
 def test_checkpoint_of_a_retrieving_model_reopens_its_store_or_another(tmp_path, capsys):

@@ -67,6 +67,10 @@ class Lookup(Protocol):
         """Called with the (B, T, k) log-probabilities the reasoner gave the fetched chunks and
         the queries (B, T, Dk) with their gradient (for a loss on the queries themselves)."""
 
+    def observe_quote(self, positions: torch.Tensor, ids: torch.Tensor, shares: torch.Tensor) -> None:
+        """Called (retrieval_quote) with the (B, T, k) share of each position's quote that fell
+        on each fetched chunk, with its gradient (for a loss on what the quote reads)."""
+
 
 @dataclass
 class Fetched:
@@ -76,6 +80,9 @@ class Fetched:
     bias: torch.Tensor  # (B, T, M) additive attention bias: log p of the token's chunk, -inf for padding
     raw: torch.Tensor | None  # (B, T, M, S*D_mem) the tokens' memory states, stored layers side by side (quoting only)
     real: torch.Tensor  # (B, T, M) bool: a fetched token, not padding
+    ids: torch.Tensor  # (B, T, k) the fetched chunks' ids, -1 where none (or the position did not query)
+    positions: torch.Tensor  # (T,) the step positions
+    lookup: Lookup  # where they came from (told what the quote read)
 
 
 class RetrievalHead(nn.Module):
@@ -133,7 +140,8 @@ class RetrievalHead(nn.Module):
         raw = None  # (B, T, k*n, S*D_mem) for quoting: every stored layer, as the keys may average them
         if self.quote_write is not None:
             raw = found.states.flatten(-2).flatten(2, 3).to(x.dtype)
-        return Fetched(states=states, bias=bias, raw=raw, real=real)
+        return Fetched(states=states, bias=bias, raw=raw, real=real, ids=found.ids.masked_fill(~valid, -1),
+                       positions=positions, lookup=lookup)
 
     def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
         """The query each position proposes for the step after it: hidden (B, T, d), its normed
@@ -147,4 +155,6 @@ class RetrievalHead(nn.Module):
         scores = torch.einsum("btd,btmd->btm", self.quote_read(hidden), raw) * raw.shape[-1] ** -0.5
         scores = scores + fetched.bias.masked_fill(~fetched.real, 0.0)  # prefer the likelier chunks' tokens
         weights = scores.masked_fill(~fetched.real, NEG).softmax(-1) * fetched.real.any(-1, keepdim=True)
+        b, t, k = fetched.ids.shape
+        fetched.lookup.observe_quote(fetched.positions, fetched.ids, weights.view(b, t, k, -1).sum(-1))
         return proposal + self.quote_write(torch.einsum("btm,btmd->btd", weights, raw))

@@ -12,7 +12,13 @@ e.g. the knowledge worlds), it also
   store has) and `negatives` chunks drawn at random from the store (all of it when it is
   smaller). The fetched chunks alone teach slowly: a query far from its gold chunk only
   learns to leave its own neighbourhood; the random ones say where the gold chunk lies
-  among all the others.
+  among all the others;
+- gives the pick loss: where the gold chunk is among the fetched ones, -log of its share of
+  the reasoner's preference over them (its log p, the attention bias) and, with a quote, of
+  the quote's attention. The key's loss ranks the gold chunk among the whole store by
+  query . key; the fetched chunks are its nearest rivals (the same relation about a person
+  with a similar name), which that dot product tells apart least well, and which the quote
+  must tell apart to carry the right name into the next query.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class StoreLookup:
         self.found: dict[int, int] = {}  # of those, how many the search itself found (before any teacher insert)
         self._terms: list[torch.Tensor] = []  # per observed call: sum of -log p(gold)
         self._scored = 0  # gold steps in the loss
+        self._picks: list[torch.Tensor] = []  # per observed call: sum of -log share of the fetched gold chunk
+        self._picked = 0  # terms in the pick loss
+        self._pick_p: list[float] = []  # the gold chunk's share of the reasoner's preference, per term
 
     def __call__(self, queries: torch.Tensor, positions: torch.Tensor) -> Retrieved:
         b, t, dk = queries.shape
@@ -75,12 +84,42 @@ class StoreLookup:
         target = torch.from_numpy(np.searchsorted(candidates, g)).to(queries.device)
         self._terms.append(torch.nn.functional.cross_entropy(q @ keys.T, target, reduction="sum"))
         self._scored += len(g)
+        self._pick(gold, ids, log_probs, kind="chunks")
+
+    def observe_quote(self, positions: torch.Tensor, ids: torch.Tensor, shares: torch.Tensor) -> None:
+        gold = self._gold_at(positions)
+        if gold is not None:
+            self._pick(gold, ids, shares.clamp_min(1e-9).log(), kind="quote")
+
+    def _pick(self, gold: np.ndarray, ids: torch.Tensor, log_share: torch.Tensor, kind: str) -> None:
+        """Adds -log share of the gold chunk, at every position that fetched it."""
+        g = torch.from_numpy(gold).to(ids.device)
+        hit = (ids == g[..., None]) & (g >= 0)[..., None]  # (B, T, k): at most one slot per position
+        if not bool(hit.any()):
+            return
+        chosen = log_share[hit]
+        self._picks.append(-chosen.sum())
+        self._picked += chosen.numel()
+        if kind == "chunks":
+            self._pick_p.extend(chosen.detach().exp().tolist())
 
     def loss(self) -> torch.Tensor | None:
         """Mean -log p(gold chunk) over the gold steps seen; None without any."""
         if not self._scored:
             return None
         return torch.stack(self._terms).sum() / self._scored
+
+    def pick_loss(self) -> torch.Tensor | None:
+        """Mean -log share of the gold chunk where it was fetched (the chunks' log p and, with a
+        quote, the quote's attention); None where no gold chunk was fetched."""
+        if not self._picked:
+            return None
+        return torch.stack(self._picks).sum() / self._picked
+
+    def pick_share(self) -> float | None:
+        """Mean share p of the fetched gold chunk in the reasoner's preference over the fetched
+        chunks (1/k: no preference); None where no gold chunk was fetched."""
+        return sum(self._pick_p) / len(self._pick_p) if self._pick_p else None
 
     def recall(self) -> float | None:
         """Share of gold steps whose chunk the search found; None when no step had a gold chunk."""

@@ -103,6 +103,13 @@ class SplitModelModule(LightningModule):
             step h should fetch step h's document). 0: the query learns through attention alone.
         retrieval_negatives: random store chunks in that loss's softmax besides the gold and the
             fetched ones (the whole store when it is smaller).
+        retrieval_pick_loss: weight of a second auxiliary loss on the same tasks: where a
+            step's gold chunk is among the fetched ones, -log of its share of the reasoner's
+            preference over them (the softmax of the attention bias, with `retrieval_rerank`
+            the token match too) plus, with `retrieval_quote`, -log of its share of the
+            quote's attention. The fetched chunks are the gold one's nearest rivals (the same
+            relation about a person with a similar name): this teaches the step which of them
+            to read and quote. 0: off. train/ and val/retrieval_pick log the gold chunk's mean share.
         retrieval_teacher: in training, put each step's gold chunk among the fetched ones when
             the search missed it, so later hops and the answer can be learned before the
             queries are good. Evaluation never does.
@@ -152,6 +159,7 @@ class SplitModelModule(LightningModule):
         retrieval_loss: float = 1.0,
         retrieval_negatives: int = 1024,
         retrieval_teacher: bool = True,
+        retrieval_pick_loss: float = 0.0,
         exclude_question: bool = False,
         evidence_loss: float = 0.0,
         objective: Literal["supervised", "rl"] = "supervised",
@@ -177,9 +185,9 @@ class SplitModelModule(LightningModule):
             raise ValueError(f"matmul_precision must be one of highest, high, medium; got {matmul_precision!r}")
         if evidence_loss < 0:
             raise ValueError(f"evidence_loss must be >= 0, got {evidence_loss}")
-        if retrieval_loss < 0 or retrieval_negatives < 0:
-            raise ValueError(f"retrieval_loss and retrieval_negatives must be >= 0, got {retrieval_loss}, "
-                             f"{retrieval_negatives}")
+        if retrieval_loss < 0 or retrieval_negatives < 0 or retrieval_pick_loss < 0:
+            raise ValueError(f"retrieval_loss, retrieval_negatives and retrieval_pick_loss must be >= 0, got "
+                             f"{retrieval_loss}, {retrieval_negatives}, {retrieval_pick_loss}")
         if objective not in ("supervised", "rl"):
             raise ValueError(f"objective must be supervised or rl, got {objective!r}")
         if objective == "rl":
@@ -525,11 +533,19 @@ class SplitModelModule(LightningModule):
             self.log(f"{prefix}/retrieval_recall", recall, batch_size=b, sync_dist=not self.training)
             for step, value in lookup.recall_by_step().items():
                 self.log(f"{prefix}/retrieval_recall_step{step}", value, batch_size=b, sync_dist=not self.training)
+        share = lookup.pick_share()
+        if share is not None:
+            self.log(f"{prefix}/retrieval_pick", share, batch_size=b, sync_dist=not self.training)
+        total = 0.0
         aux = lookup.loss()
-        if aux is None:
-            return 0.0
-        self.log(f"{prefix}/retrieval_loss", aux, batch_size=b, sync_dist=not self.training)
-        return self.hparams.retrieval_loss * aux
+        if aux is not None:
+            self.log(f"{prefix}/retrieval_loss", aux, batch_size=b, sync_dist=not self.training)
+            total = self.hparams.retrieval_loss * aux
+        pick = lookup.pick_loss() if self.hparams.retrieval_pick_loss else None
+        if pick is not None:
+            self.log(f"{prefix}/retrieval_pick_loss", pick, batch_size=b, sync_dist=not self.training)
+            total = total + self.hparams.retrieval_pick_loss * pick
+        return total
 
     def halting_loss(self, logits: torch.Tensor, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         """What trains the halting head, over the unlabelled latent steps of each row:
@@ -968,5 +984,5 @@ TABLE_KEY = "reasoner.embed.table"
 _NO_DECAY = {"gate", "token_gate", "position", "latent", "embed", "norm", "norm1", "norm2", "norm3", "mix"}  # name parts
 _HPARAMS = ("bptt_steps", "lr", "weight_decay", "warmup_steps", "max_new_tokens", "output_vocab", "execution",
             "matmul_precision", "training_mode", "jacobi_passes", "halting_weight", "nonfinite", "store",
-            "retrieval_loss", "retrieval_negatives", "retrieval_teacher", "exclude_question")
+            "retrieval_loss", "retrieval_negatives", "retrieval_teacher", "retrieval_pick_loss", "exclude_question")
 TRAINING_MODES = ("sequential", "jacobi", "off")
