@@ -269,6 +269,16 @@ def test_a_chunk_is_reranked_by_its_best_matching_token():
         best = match.masked_fill(~lookup.mask[ids], float("-inf")).amax(-1)
         expected = (torch.einsum("btd,btkd->btk", q, lookup.keys[ids]) + best).log_softmax(-1)
     torch.testing.assert_close(lookup.observed[-1], expected, rtol=1e-5, atol=1e-5)
+    # The probe reads the query without training it: the query projection's gradient is the
+    # one it gets with the best match held constant; the probe's own weight does learn.
+    r.zero_grad()
+    r.retrieval(x, torch.tensor([0]), lookup, r.adapter)
+    lookup.observed[-1][..., 0].sum().backward()
+    q = r.retrieval.query(x)
+    by_hand = (torch.einsum("btd,btkd->btk", q, lookup.keys[ids]) + best).log_softmax(-1)[..., 0].sum()
+    (want,) = torch.autograd.grad(by_hand, r.retrieval.query.weight)
+    torch.testing.assert_close(r.retrieval.query.weight.grad, want, rtol=1e-5, atol=1e-6)
+    assert r.retrieval.rerank.weight.grad.abs().sum() > 0
 
 
 def test_queries_only_every_n_steps():

@@ -58,8 +58,10 @@ class ReasonerConfig:
             layer), max over the chunk's tokens, added to query . key. A mean-pooled key
             blurs a name among its sentence's words; one token can match it exactly (with the
             embeddings stored, by word and position). Search itself is unchanged: this ranks
-            the k chunks it fetched. On the knowledge worlds it made things worse (README,
-            "Reranking the fetched chunks"): an option for experiments, off by default.
+            the k chunks it fetched. The projection reads the query detached (the query learns
+            from the keys alone). With the training module's `retrieval_pick_loss` it finds the
+            later hops' facts of the knowledge worlds far sooner (README, "Reranking the
+            fetched chunks"); configs/world.yaml turns both on.
         memory_window: each memory token also takes in the states of the memory_window
             tokens on either side: a second projection of the backbone states mixed along the
             tokens by a depthwise convolution (zero-initialised), added to the adapted state

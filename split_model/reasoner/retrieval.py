@@ -16,7 +16,10 @@ split_model.retrieval.lookup).
 With `retrieval_rerank`, p also counts each chunk's best-matching token: score_j =
 query . key_j + max over the chunk's tokens of (rerank(query) . token state), the states of
 every stored layer side by side. It ranks only the k chunks fetched, where a mean-pooled key
-cannot tell two sentences about similar names apart.
+cannot tell two sentences about similar names apart. The probe reads the query without
+sending gradient back into it: the query is trained by the keys (the attention bias and any
+loss on the keys), the probe by the ranking. (With gradient through both, the query served two
+masters, and on the knowledge worlds the answer was never learned.)
 
 With `retrieval_query: previous`, step t+1's query is what step t proposes (`propose`): a
 projection of its normed final hidden state and, with `retrieval_quote`, a quote of what it
@@ -128,7 +131,8 @@ class RetrievalHead(nn.Module):
         scores = torch.einsum("btd,btkd->btk", q, found.keys.to(q.dtype))
         if self.rerank is not None:  # + each chunk's best-matching token
             tokens = found.states.flatten(-2).to(q.dtype)  # (B, T, k, n, S*D)
-            match = torch.einsum("btd,btknd->btkn", self.rerank(q), tokens) * tokens.shape[-1] ** -0.5
+            # The probe reads the query without training it: the query's gradient comes from the keys alone.
+            match = torch.einsum("btd,btknd->btkn", self.rerank(q.detach()), tokens) * tokens.shape[-1] ** -0.5
             scores = scores + match.masked_fill(~found.mask, NEG).amax(-1)
         scores = scores.masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
