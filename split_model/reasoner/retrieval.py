@@ -136,7 +136,8 @@ class RetrievalHead(nn.Module):
             scores = scores + match.masked_fill(~found.mask, NEG).amax(-1)
         scores = scores.masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
-        lookup.observe(positions, found.ids.masked_fill(~valid, -1), log_p, q)
+        ids = found.ids.masked_fill(~valid, -1)
+        lookup.observe(positions, ids, log_p, q)
         states = adapter(found.states.flatten(0, 2), found.mask.flatten(0, 2))  # (B*T*k, n, S, D) -> (B*T*k, n, d)
         states = states.view(b, t, k * n, -1) + self.kind  # (B, T, k*n, d)
         real = (found.mask & valid[..., None]).flatten(2)  # (B, T, k*n)
@@ -144,8 +145,7 @@ class RetrievalHead(nn.Module):
         raw = None  # (B, T, k*n, S*D_mem) for quoting: every stored layer, as the keys may average them
         if self.quote_write is not None:
             raw = found.states.flatten(-2).flatten(2, 3).to(x.dtype)
-        return Fetched(states=states, bias=bias, raw=raw, real=real, ids=found.ids.masked_fill(~valid, -1),
-                       positions=positions, lookup=lookup)
+        return Fetched(states=states, bias=bias, raw=raw, real=real, ids=ids, positions=positions, lookup=lookup)
 
     def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
         """The query each position proposes for the step after it: hidden (B, T, d), its normed
