@@ -45,11 +45,11 @@ class BruteLookup:
 
 
 def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, query: str = "layer",
-          quote: bool = False, memory_layers: int = 0, memory_window: int = 0) -> Reasoner:
+          quote: bool = False, memory_layers: int = 0, memory_window: int = 0, question: bool = False) -> Reasoner:
     torch.manual_seed(seed)
     cfg = ReasonerConfig(d_model=32, n_layers=2, n_heads=4, feedback=feedback, retrieval_k=3,
                          retrieval_every=every, retrieval_layer=layer, retrieval_query=query, retrieval_quote=quote,
-                         memory_layers=memory_layers, memory_window=memory_window)
+                         memory_layers=memory_layers, memory_window=memory_window, retrieval_quote_question=question)
     r = Reasoner(cfg, vocab_size=V, memory_dim=D, num_states=S, key_dim=DK)
     with torch.no_grad():
         for part in (r.adapter.encoder, r.adapter.window):  # mixing, so the window and encoder matter
@@ -59,6 +59,8 @@ def model(feedback: str = "all", every: int = 1, layer: int = 1, seed: int = 0, 
             r.feedback.gate.weight.normal_(0, 0.2)  # open, so the feedback path matters
         if quote:
             r.retrieval.quote_write.weight.normal_(0, 0.5)  # quoting, so the quote path matters
+        if question:
+            r.retrieval.ask_write.weight.normal_(0, 0.5)  # quoting the question, so that path matters
     return r
 
 
@@ -115,15 +117,17 @@ def test_gradient_reaches_the_query_projection():
     assert r.retrieval.kind.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("query", ["layer", "previous", "quote", "encoded"])
+@pytest.mark.parametrize("query", ["layer", "previous", "quote", "encoded", "question"])
 @pytest.mark.parametrize("feedback", ["none", "all"])
 def test_training_forward_equals_generation_steps(feedback, query):
     """Without feedback and with queries from the step's own layer, the forward is one parallel
     pass (one search for every position); every variant must compute what the recurrent
     steps compute, one search per step. Jacobi passes (as many as steps) compute it too.
-    encoded: queries from the layer, question and chunks through a memory window and encoder layer."""
-    r = model(feedback, query="previous" if query == "quote" else "layer" if query == "encoded" else query,
-              quote=query == "quote", memory_layers=int(query == "encoded"), memory_window=2 * (query == "encoded"))
+    encoded: queries from the layer, question and chunks through a memory window and encoder layer.
+    question: queries from the layer that quote the question."""
+    r = model(feedback, query="previous" if query == "quote" else "layer" if query in ("encoded", "question") else query,
+              quote=query == "quote", memory_layers=int(query == "encoded"), memory_window=2 * (query == "encoded"),
+              question=query == "question")
     tokens, latent, states, mask = inputs()
     parallel = BruteLookup()
     out = r(tokens, latent, memory(r, states, mask, parallel))
@@ -132,7 +136,7 @@ def test_training_forward_equals_generation_steps(feedback, query):
         jacobi = r.forward_jacobi(tokens, latent, memory(r, states, mask, BruteLookup()), passes=tokens.shape[1])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(jacobi, ref, rtol=1e-4, atol=1e-5)
-    parallel_pass = feedback == "none" and query in ("layer", "encoded")
+    parallel_pass = feedback == "none" and query in ("layer", "encoded", "question")
     assert len(parallel.positions) == (1 if parallel_pass else tokens.shape[1])
 
 
@@ -229,6 +233,42 @@ def test_quoting_starts_as_the_query_without_quoting_and_learns():
     assert quoting.retrieval.quote_write.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="retrieval_quote"):
         ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2, retrieval_quote=True)
+
+
+def test_the_first_query_can_quote_the_question():
+    """retrieval_quote_question: a query formed from the layer adds quote_write-like projection of
+    an attention over the question's memory states (all S layers side by side). Its write
+    projection starts at zero (outputs equal the model's without it), the loss reaches it, and
+    with it open step 0's query is that sum, computed here by hand; later steps' queries under
+    `previous` are the proposals, unchanged."""
+    plain = model("all", query="previous", quote=True)
+    asking = twin(plain, retrieval_quote_question=True)
+    assert not asking.retrieval.ask_write.weight.any() and asking.retrieval.ask_read.weight.shape == (S * D, 32)
+    out, _ = same_outputs(asking, plain)
+    out.square().mean().backward()
+    assert asking.retrieval.ask_write.weight.grad.abs().sum() > 0
+
+    class Spy(BruteLookup):
+        def __call__(self, queries, positions):
+            self.seen.append(queries)
+            return super().__call__(queries, positions)
+
+    with torch.no_grad():
+        asking.retrieval.ask_write.weight.normal_(0, 0.5)
+        tokens, latent, states, mask = inputs()
+        spy = Spy()
+        spy.seen = []
+        mem = memory(asking, states, mask, spy)
+        state = asking.start(mem)
+        _, state = asking.step(state, tokens[:, 0], latent[:, 0])
+        x = state.layer_states[asking.cfg.retrieval_layer][:, 0]  # step 0's querying layer (B, d)
+        flat = states.flatten(-2)  # (B, N, S*D)
+        scores = torch.einsum("bd,bnd->bn", asking.retrieval.ask_read(x), flat) / (S * D) ** 0.5
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        expected = asking.retrieval.query(x) + asking.retrieval.ask_write(torch.einsum("bn,bnd->bd", weights, flat))
+    torch.testing.assert_close(spy.seen[0][:, 0], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="retrieval_quote_question"):
+        ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_quote_question=True)
 
 
 def test_reranking_starts_as_the_keys_ranking_and_learns():

@@ -52,6 +52,13 @@ class ReasonerConfig:
             key space by a zero-initialised projection. A name read in a fetched chunk then
             reaches the next query in the memory's own space, not squeezed through the
             reasoner's width; at initialisation the query is exactly the one without quoting.
+        retrieval_quote_question: the query a step forms from its own layer (step 0 with
+            retrieval_query previous; every querying step with layer) also quotes the
+            question: an attention from that layer's state over the question's memory states
+            (every layer the memory reads), mapped into the key space by a zero-initialised
+            projection. The first hop's query then carries the asked name as the memory
+            holds it, as later hops' quotes carry the names they read; at initialisation the
+            query is exactly the one without it.
         retrieval_rerank: the fetched chunks' log-probabilities (the attention bias, the
             quote's preference) also score each chunk's best-matching token: the query mapped
             by a zero-initialised projection onto the tokens' memory states (every stored
@@ -93,6 +100,7 @@ class ReasonerConfig:
     retrieval_layer: int = 1  # query after this many blocks; chunks join the blocks from here up
     retrieval_query: RetrievalQuery = "layer"  # the query's source: this step's layer, or the previous step's output
     retrieval_quote: bool = False  # previous: the next query also quotes the fetched chunks' memory states
+    retrieval_quote_question: bool = False  # a query formed from the layer also quotes the question's memory states
     retrieval_rerank: bool = False  # the fetched chunks are also scored by their best-matching token
     memory_window: int = 0  # tokens either side that each memory token takes in (a convolution)
     memory_layers: int = 0  # trainable self-attention layers over the memory, once per context
@@ -126,6 +134,8 @@ class ReasonerConfig:
             raise ValueError("retrieval_quote quotes fetched chunks into the next step's query: it needs "
                              f"retrieval_k > 0 and retrieval_query: previous (got retrieval_k={self.retrieval_k}, "
                              f"retrieval_query={self.retrieval_query!r})")
+        if self.retrieval_quote_question and not self.retrieval_k:
+            raise ValueError("retrieval_quote_question quotes the question into the query: it needs retrieval_k > 0")
         if self.retrieval_rerank and not self.retrieval_k:
             raise ValueError("retrieval_rerank ranks the fetched chunks: it needs retrieval_k > 0")
         if self.memory_layers < 0 or self.memory_window < 0:

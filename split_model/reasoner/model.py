@@ -127,7 +127,8 @@ class Reasoner(nn.Module):
         if cfg.retrieval_k:  # created last, for the same reason
             self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every, cfg.retrieval_query == "previous",
                                            quote_dim=num_states * memory_dim if cfg.retrieval_quote else 0,
-                                           rerank_dim=num_states * memory_dim if cfg.retrieval_rerank else 0)
+                                           rerank_dim=num_states * memory_dim if cfg.retrieval_rerank else 0,
+                                           question_dim=num_states * memory_dim if cfg.retrieval_quote_question else 0)
         if cfg.memory_window:  # created last, for the same reason
             self.adapter.window = MemoryWindow(num_states * memory_dim, cfg.d_model, cfg.memory_window)
         if cfg.memory_layers:  # created last, for the same reason
@@ -189,7 +190,10 @@ class Reasoner(nn.Module):
         mem = self.adapter(states, mask)
         # Contiguous once here, or every step's attention copies the permuted K/V again.
         kv = [tuple(x.contiguous() for x in blk.xattn.memory_kv(mem)) for blk in self.blocks]
-        return MemoryKV(kv=kv, mask=mask.bool()[:, None, None, :])
+        mem = MemoryKV(kv=kv, mask=mask.bool()[:, None, None, :])
+        if self.cfg.retrieval_quote_question:  # the question's own states, for the query to quote
+            mem.states, mem.states_mask = states.flatten(-2), mask.bool()
+        return mem
 
     # -- the shared core --------------------------------------------------------------------
     def run(
@@ -219,7 +223,8 @@ class Reasoner(nn.Module):
         layer_states, new_caches, fetched = [x], [], None
         for i, blk in enumerate(self.blocks):
             if i == self.cfg.retrieval_layer and self.retrieval is not None and memory.lookup is not None:
-                fetched = self.retrieval(x, pos, memory.lookup, self.adapter, previous)  # joins this block and those above
+                fetched = self.retrieval(x, pos, memory.lookup, self.adapter, previous,  # joins this block and those above
+                                         question=memory.states, question_mask=memory.states_mask)
             x, cache = blk(x, None if caches is None else caches[i], memory.kv[i], memory.mask, fetched)
             layer_states.append(x)
             new_caches.append(cache)

@@ -92,10 +92,12 @@ class RetrievalHead(nn.Module):
     """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
 
     def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False, quote_dim: int = 0,
-                 rerank_dim: int = 0):
+                 rerank_dim: int = 0, question_dim: int = 0):
         """quote_dim: width of the fetched memory states a proposal quotes, S * D_mem for S stored
         layers (0: no quoting); rerank_dim: the same width, where the fetched chunks are also
-        scored by their best-matching token (0: by their keys alone)."""
+        scored by their best-matching token (0: by their keys alone); question_dim: width of the
+        question's memory states (S * D_mem for the S layers the memory reads) that a query
+        formed from the layer quotes (0: none)."""
         super().__init__()
         self.every = every
         self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
@@ -112,17 +114,31 @@ class RetrievalHead(nn.Module):
         if rerank_dim:  # retrieval_rerank: created last, for the same reason
             self.rerank = nn.Linear(key_dim, rerank_dim, bias=False)  # query -> a probe of the chunks' tokens
             nn.init.zeros_(self.rerank.weight)  # starts as the keys' ranking alone
+        self.ask_read = self.ask_write = None
+        if question_dim:  # retrieval_quote_question: created last, for the same reason
+            self.ask_read = nn.Linear(d_model, question_dim, bias=False)  # what to look for in the question
+            self.ask_write = nn.Linear(question_dim, key_dim, bias=False)  # memory states -> key space
+            nn.init.zeros_(self.ask_write.weight)  # starts as the query without it
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module,
-                previous: torch.Tensor | None = None) -> Fetched | None:
+                previous: torch.Tensor | None = None, question: torch.Tensor | None = None,
+                question_mask: torch.Tensor | None = None) -> Fetched | None:
         """x (B, T, d) states of the querying layer at steps `positions` (T,); previous (B, T, Dk):
         the query each position's previous step proposed (`propose`), used at positions > 0
-        where the head queries from the previous step. None when no position queries (a step
-        between queries)."""
+        where the head queries from the previous step; question (B, N, S*D_mem) and
+        question_mask (B, N): the question's memory states, quoted by a query formed from the
+        layer (retrieval_quote_question). None when no position queries (a step between
+        queries)."""
         asking = positions % self.every == 0  # (T,)
         if x.shape[1] == 1 and not bool(asking[0]):  # one step, known on the host (positions are host-made)
             return None
         q = self.query(x)  # (B, T, Dk)
+        if self.ask_write is not None:
+            if question is None:
+                raise ValueError("retrieval_quote_question needs the question's memory states (encode_memory keeps them)")
+            scores = torch.einsum("btd,bnd->btn", self.ask_read(x), question.to(x.dtype)) * question.shape[-1] ** -0.5
+            weights = scores.masked_fill(~question_mask[:, None, :], NEG).softmax(-1)
+            q = q + self.ask_write(torch.einsum("btn,bnd->btd", weights, question.to(x.dtype)))
         if self.previous is not None and previous is not None:
             q = torch.where((positions == 0)[None, :, None], q, previous)
         found = lookup(q.detach(), positions)
