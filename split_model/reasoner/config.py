@@ -58,7 +58,9 @@ class ReasonerConfig:
             (every layer the memory reads), mapped into the key space by a zero-initialised
             projection. The first hop's query then carries the asked name as the memory
             holds it, as later hops' quotes carry the names they read; at initialisation the
-            query is exactly the one without it.
+            query is exactly the one without it. With retrieval_rerank and the module's
+            retrieval_pick_loss, the best knowledge-world runs so far (README, "The first query
+            quoting the question"); off by default until the bench has measured it.
         retrieval_rerank: the fetched chunks' log-probabilities (the attention bias, the
             quote's preference) also score each chunk's best-matching token: the query mapped
             by a zero-initialised projection onto the tokens' memory states (every stored
