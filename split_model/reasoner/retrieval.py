@@ -136,9 +136,9 @@ class RetrievalHead(nn.Module):
         if self.ask_write is not None:
             if question is None:
                 raise ValueError("retrieval_quote_question needs the question's memory states (encode_memory keeps them)")
-            scores = torch.einsum("btd,bnd->btn", self.ask_read(x), question.to(x.dtype)) * question.shape[-1] ** -0.5
-            weights = scores.masked_fill(~question_mask[:, None, :], NEG).softmax(-1)
-            q = q + self.ask_write(torch.einsum("btn,bnd->btd", weights, question.to(x.dtype)))
+            states = question.to(x.dtype)[:, None].expand(-1, x.shape[1], -1, -1)  # (B, T, N, S*D_mem), no copy
+            weights = quote_weights(self.ask_read(x), states, question_mask[:, None, :].expand(-1, x.shape[1], -1))
+            q = q + self.ask_write(torch.einsum("btn,btnd->btd", weights, states))
         if self.previous is not None and previous is not None:
             q = torch.where((positions == 0)[None, :, None], q, previous)
         found = lookup(q.detach(), positions)
@@ -172,9 +172,18 @@ class RetrievalHead(nn.Module):
         if self.quote_write is None or fetched is None:
             return proposal
         raw = fetched.raw  # (B, T, M, S*D_mem)
-        scores = torch.einsum("btd,btmd->btm", self.quote_read(hidden), raw) * raw.shape[-1] ** -0.5
-        scores = scores + fetched.bias.masked_fill(~fetched.real, 0.0)  # prefer the likelier chunks' tokens
-        weights = scores.masked_fill(~fetched.real, NEG).softmax(-1) * fetched.real.any(-1, keepdim=True)
+        weights = quote_weights(self.quote_read(hidden), raw, fetched.real, bias=fetched.bias)  # likelier chunks first
         b, t, k = fetched.ids.shape
         fetched.lookup.observe_quote(fetched.positions, fetched.ids, weights.view(b, t, k, -1).sum(-1))
         return proposal + self.quote_write(torch.einsum("btm,btmd->btd", weights, raw))
+
+
+def quote_weights(probe: torch.Tensor, states: torch.Tensor, real: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A quote's attention: probe (B, T, D) over states (B, T, M, D) where real (B, T, M), plus
+    an additive bias (B, T, M) on the real ones. (B, T, M) weights, all zero at a position with
+    no real state."""
+    scores = torch.einsum("btd,btmd->btm", probe, states) * states.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias.masked_fill(~real, 0.0)
+    return scores.masked_fill(~real, NEG).softmax(-1) * real.any(-1, keepdim=True)
