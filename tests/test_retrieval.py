@@ -321,6 +321,77 @@ def test_a_chunk_is_reranked_by_its_best_matching_token():
     assert r.retrieval.rerank.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("query", ["previous", "layer"])
+def test_matching_the_question_starts_as_the_keys_ranking_and_learns(query):
+    """retrieval_match_question's scale starts at zero: outputs equal the model's without it (its
+    weights are created last); the loss reaches the scale and, once it is open, the attention
+    that weighs the question's tokens; the parallel pass and the step-by-step path agree."""
+    plain = model("all", query=query, quote=query == "previous")
+    matching = twin(plain, retrieval_match_question=True)
+    assert float(matching.retrieval.match_scale) == 0.0 and matching.retrieval.match_read.weight.shape == (S * D, 32)
+    out, ref = same_outputs(matching, plain)
+    out.square().mean().backward()
+    assert matching.retrieval.match_scale.grad.abs() > 0
+    tokens, latent, states, mask = inputs()
+    with torch.no_grad():
+        matching.retrieval.match_scale.fill_(3.0)
+    matching.zero_grad()
+    full = matching(tokens, latent, memory(matching, states, mask, BruteLookup()))
+    full.square().mean().backward()
+    assert matching.retrieval.match_read.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        steps = stepwise(matching, tokens, latent, memory(matching, states, mask, BruteLookup()))
+    torch.testing.assert_close(steps, full.detach(), rtol=1e-4, atol=1e-4)
+    assert (full - ref).abs().max() > 1e-3  # the open scale changes what the chunks weigh
+    with pytest.raises(ValueError, match="retrieval_match_question ranks the fetched chunks"):
+        ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_match_question=True)
+
+
+def test_a_chunk_is_ranked_by_the_question_tokens_it_matches():
+    """log p of the fetched chunks = log_softmax over j of query . key_j + scale x sum over the
+    question's real tokens i of w_i x max over chunk j's real tokens of the cosine of their
+    states (per layer, averaged), w the attention of match_read(x) over the question's states;
+    computed here by hand. Under `previous`, a step after the first (its query a proposal)
+    is ranked by its keys alone."""
+    r = twin(model("none", query="previous"), retrieval_match_question=True)
+    with torch.no_grad():
+        r.retrieval.match_scale.fill_(2.5)
+    _, _, states, mask = inputs()
+    b = states.shape[0]
+    x = torch.randn(b, 1, 32)
+    question = states.flatten(-2)
+    lookup = BruteLookup()
+    with torch.no_grad():
+        r.retrieval(x, torch.tensor([0]), lookup, r.adapter, question=question, question_mask=mask)
+        q = r.retrieval.query(x)
+        ids = (F.normalize(q, dim=-1) @ lookup.keys.T).topk(3, -1).indices[:, 0]  # (B, k)
+        expected = torch.empty(b, 3)
+        for row in range(b):
+            scores = torch.einsum("d,nd->n", r.retrieval.match_read(x[row, 0]), question[row]) / (S * D) ** 0.5
+            w = scores.masked_fill(~mask[row], float("-inf")).softmax(-1)  # (N,)
+            for j, c in enumerate(ids[row].tolist()):
+                chunk = lookup.states[c][lookup.mask[c]]  # (n_real, S, D)
+                cos = torch.stack([F.cosine_similarity(states[row][:, None, s], chunk[None, :, s], dim=-1)
+                                   for s in range(S)]).mean(0)  # (N, n_real)
+                expected[row, j] = q[row, 0] @ lookup.keys[c] + 2.5 * (w * cos.amax(-1)).sum()
+    torch.testing.assert_close(lookup.observed[-1][:, 0], expected.log_softmax(-1), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a later step under `previous`: the proposal's keys alone
+        previous = torch.randn(b, 1, DK)
+        r.retrieval(x, torch.tensor([1]), lookup, r.adapter, previous=previous, question=question, question_mask=mask)
+        ids = (F.normalize(previous, dim=-1) @ lookup.keys.T).topk(3, -1).indices
+        keys_alone = torch.einsum("btd,btkd->btk", previous, lookup.keys[ids]).log_softmax(-1)
+    torch.testing.assert_close(lookup.observed[-1], keys_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_matching_the_question_needs_the_store_to_hold_the_memory_layers():
+    """A question read at other layers than the store holds cannot be compared token by token."""
+    r = twin(model("none"), retrieval_match_question=True)
+    _, _, states, mask = inputs()
+    with pytest.raises(ValueError, match="the memory must read the layers the store holds"):
+        r.retrieval(torch.randn(3, 1, 32), torch.tensor([0]), BruteLookup(), r.adapter,
+                    question=states[:, :, :1].flatten(-2), question_mask=mask)
+
+
 def test_queries_only_every_n_steps():
     r = model(every=2)
     tokens, latent, states, mask = inputs(t=7)

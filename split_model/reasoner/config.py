@@ -72,6 +72,17 @@ class ReasonerConfig:
             knowledge worlds, the third and fourth hops' facts were found far more often and
             the second hop's answers less often (README, "Reranking the fetched chunks"):
             off by default and in configs/world.yaml.
+        retrieval_match_question: where a step's query is formed from its layer (step 0 with
+            retrieval_query previous; every querying step with layer), the fetched chunks'
+            log-probabilities also count how well their tokens match the question's: an
+            attention from that layer's state weighs the question's tokens, and each token
+            adds its weight times its best cosine similarity (per stored layer, averaged) with
+            any token of the chunk, times a zero-initialised scale. A mean-pooled key blurs a
+            name among its sentence's words, and one probe vector matches one token; this
+            matches the asked name piece by piece ("Sel" and "##in" of "Selin" both present,
+            against "Sel" and "##im"), with the embeddings stored, word for word. Needs the
+            memory to read the layers the store holds. At initialisation the ranking is the
+            one without it.
         memory_window: each memory token also takes in the states of the memory_window
             tokens on either side: a second projection of the backbone states mixed along the
             tokens by a depthwise convolution (zero-initialised), added to the adapted state
@@ -104,6 +115,7 @@ class ReasonerConfig:
     retrieval_quote: bool = False  # previous: the next query also quotes the fetched chunks' memory states
     retrieval_quote_question: bool = False  # a query formed from the layer also quotes the question's memory states
     retrieval_rerank: bool = False  # the fetched chunks are also scored by their best-matching token
+    retrieval_match_question: bool = False  # ... and, at a layer-formed query, by the question's tokens they match
     memory_window: int = 0  # tokens either side that each memory token takes in (a convolution)
     memory_layers: int = 0  # trainable self-attention layers over the memory, once per context
 
@@ -140,6 +152,8 @@ class ReasonerConfig:
             raise ValueError("retrieval_quote_question quotes the question into the query: it needs retrieval_k > 0")
         if self.retrieval_rerank and not self.retrieval_k:
             raise ValueError("retrieval_rerank ranks the fetched chunks: it needs retrieval_k > 0")
+        if self.retrieval_match_question and not self.retrieval_k:
+            raise ValueError("retrieval_match_question ranks the fetched chunks: it needs retrieval_k > 0")
         if self.memory_layers < 0 or self.memory_window < 0:
             raise ValueError(f"memory_layers and memory_window must be >= 0, got {self.memory_layers}, "
                              f"{self.memory_window}")

@@ -117,7 +117,7 @@ class MemoryKV:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, H, N, dh)
     mask: torch.Tensor  # (B, 1, 1, N) bool: True where a memory token is real
     lookup: object | None = None  # a retrieval.Lookup: where querying steps fetch chunks (None: no retrieval)
-    states: torch.Tensor | None = None  # (B, N, S*D_mem) the question's memory states (retrieval_quote_question)
+    states: torch.Tensor | None = None  # (B, N, S*D_mem) the question's memory states (quoted, matched)
     states_mask: torch.Tensor | None = None  # (B, N) bool, with `states`
 
 

@@ -128,7 +128,8 @@ class Reasoner(nn.Module):
             self.retrieval = RetrievalHead(cfg.d_model, key_dim, cfg.retrieval_every, cfg.retrieval_query == "previous",
                                            quote_dim=num_states * memory_dim if cfg.retrieval_quote else 0,
                                            rerank_dim=num_states * memory_dim if cfg.retrieval_rerank else 0,
-                                           question_dim=num_states * memory_dim if cfg.retrieval_quote_question else 0)
+                                           question_dim=num_states * memory_dim if cfg.retrieval_quote_question else 0,
+                                           match_dim=num_states * memory_dim if cfg.retrieval_match_question else 0)
         if cfg.memory_window:  # created last, for the same reason
             self.adapter.window = MemoryWindow(num_states * memory_dim, cfg.d_model, cfg.memory_window)
         if cfg.memory_layers:  # created last, for the same reason
@@ -191,7 +192,7 @@ class Reasoner(nn.Module):
         # Contiguous once here, or every step's attention copies the permuted K/V again.
         kv = [tuple(x.contiguous() for x in blk.xattn.memory_kv(mem)) for blk in self.blocks]
         mem = MemoryKV(kv=kv, mask=mask.bool()[:, None, None, :])
-        if self.cfg.retrieval_quote_question:  # the question's own states, for the query to quote
+        if self.cfg.retrieval_quote_question or self.cfg.retrieval_match_question:  # for the query to quote, match
             mem.states, mem.states_mask = states.flatten(-2), mask.bool()
         return mem
 

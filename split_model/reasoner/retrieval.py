@@ -21,6 +21,12 @@ sending gradient back into it: the query is trained by the keys (the attention b
 loss on the keys), the probe by the ranking. (With gradient through both, the query served two
 masters, and on the knowledge worlds the answer was never learned.)
 
+With `retrieval_match_question`, a query formed from the layer (the first, under `previous`)
+also scores each fetched chunk by the question's tokens it contains: sum over the question's
+tokens of their weight (an attention from the querying state) times their best cosine with any
+of the chunk's tokens, times a learned scale that starts at zero. A probe vector matches one
+token; the asked name is two or three, and this counts each of its pieces.
+
 With `retrieval_query: previous`, step t+1's query is what step t proposes (`propose`): a
 projection of its normed final hidden state and, with `retrieval_quote`, a quote of what it
 fetched: attention from that state over the fetched tokens' memory states (every stored
@@ -42,6 +48,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NEG = -1e4  # score of an empty slot: finite, so a step with no chunk at all stays NaN-free
@@ -92,12 +99,13 @@ class RetrievalHead(nn.Module):
     """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
 
     def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False, quote_dim: int = 0,
-                 rerank_dim: int = 0, question_dim: int = 0):
+                 rerank_dim: int = 0, question_dim: int = 0, match_dim: int = 0):
         """quote_dim: width of the fetched memory states a proposal quotes, S * D_mem for S stored
         layers (0: no quoting); rerank_dim: the same width, where the fetched chunks are also
         scored by their best-matching token (0: by their keys alone); question_dim: width of the
         question's memory states (S * D_mem for the S layers the memory reads) that a query
-        formed from the layer quotes (0: none)."""
+        formed from the layer quotes (0: none); match_dim: the same width, where a query formed
+        from the layer also ranks the fetched chunks by the question's tokens they match (0: not)."""
         super().__init__()
         self.every = every
         self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
@@ -119,6 +127,10 @@ class RetrievalHead(nn.Module):
             self.ask_read = nn.Linear(d_model, question_dim, bias=False)  # what to look for in the question
             self.ask_write = nn.Linear(question_dim, key_dim, bias=False)  # memory states -> key space
             nn.init.zeros_(self.ask_write.weight)  # starts as the query without it
+        self.match_read = self.match_scale = None
+        if match_dim:  # retrieval_match_question: created last, for the same reason
+            self.match_read = nn.Linear(d_model, match_dim, bias=False)  # which of the question's tokens to match
+            self.match_scale = nn.Parameter(torch.zeros(()))  # starts as the ranking without it
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module,
                 previous: torch.Tensor | None = None, question: torch.Tensor | None = None,
@@ -133,9 +145,10 @@ class RetrievalHead(nn.Module):
         if x.shape[1] == 1 and not bool(asking[0]):  # one step, known on the host (positions are host-made)
             return None
         q = self.query(x)  # (B, T, Dk)
+        if (self.ask_write is not None or self.match_read is not None) and question is None:
+            raise ValueError("retrieval_quote_question and retrieval_match_question need the question's memory "
+                             "states (encode_memory keeps them)")
         if self.ask_write is not None:
-            if question is None:
-                raise ValueError("retrieval_quote_question needs the question's memory states (encode_memory keeps them)")
             states = question.to(x.dtype)[:, None].expand(-1, x.shape[1], -1, -1)  # (B, T, N, S*D_mem), no copy
             weights = quote_weights(self.ask_read(x), states, question_mask[:, None, :].expand(-1, x.shape[1], -1))
             q = q + self.ask_write(torch.einsum("btn,btnd->btd", weights, states))
@@ -150,6 +163,14 @@ class RetrievalHead(nn.Module):
             # The probe reads the query without training it: the query's gradient comes from the keys alone.
             match = torch.einsum("btd,btknd->btkn", self.rerank(q.detach()), tokens) * tokens.shape[-1] ** -0.5
             scores = scores + match.masked_fill(~found.mask, NEG).amax(-1)
+        if self.match_read is not None:
+            # Only where the query is formed from the layer: with `previous`, position 0 alone (positions
+            # are host-made and ascending, so that is the first column or none).
+            formed = t if self.previous is None else int(int(positions[0]) == 0)
+            if formed:
+                part = self._match_question(x[:, :formed], question, question_mask, found.states[:, :formed],
+                                            found.mask[:, :formed])
+                scores = scores + F.pad(self.match_scale * part, (0, 0, 0, t - formed))
         scores = scores.masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
         ids = found.ids.masked_fill(~valid, -1)
@@ -162,6 +183,25 @@ class RetrievalHead(nn.Module):
         if self.quote_write is not None:
             raw = found.states.flatten(-2).flatten(2, 3).to(x.dtype)
         return Fetched(states=states, bias=bias, raw=raw, real=real, ids=ids, positions=positions, lookup=lookup)
+
+    def _match_question(self, x: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor,
+                        chunks: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) querying states; question (B, N, S*D) and question_mask (B, N); chunks
+        (B, T, k, n, S, D) the fetched chunks' memory states, chunk_mask (B, T, k, n). (B, T, k):
+        per chunk, the sum over the question's tokens of their attention weight (from x) times
+        their best cosine similarity with any of the chunk's tokens (per layer, averaged over S)."""
+        b, t, k, n, s, d = chunks.shape
+        if question.shape[-1] != s * d:
+            raise ValueError(f"retrieval_match_question compares the question's memory states ({question.shape[-1]} "
+                             f"wide) with the store's ({s} layers of {d}): the memory must read the layers the "
+                             "store holds")
+        states = question.to(x.dtype)[:, None].expand(-1, t, -1, -1)  # (B, T, N, S*D), no copy
+        weights = quote_weights(self.match_read(x), states, question_mask[:, None, :].expand(-1, t, -1))  # (B, T, N)
+        asked = F.normalize(question.to(x.dtype).unflatten(-1, (s, d)), dim=-1)  # (B, N, S, D)
+        tokens = F.normalize(chunks.to(x.dtype), dim=-1)  # (B, T, k, n, S, D)
+        similar = torch.einsum("bisd,btkjsd->btkij", asked, tokens) / s  # (B, T, k, N, n)
+        best = similar.masked_fill(~chunk_mask[:, :, :, None, :], -1.0).amax(-1)  # (B, T, k, N); -1: no token
+        return torch.einsum("bti,btki->btk", weights, best)
 
     def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
         """The query each position proposes for the step after it: hidden (B, T, d), its normed

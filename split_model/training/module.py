@@ -106,7 +106,7 @@ class SplitModelModule(LightningModule):
         retrieval_pick_loss: weight of a second auxiliary loss on the same tasks: where a
             step's gold chunk is among the fetched ones, -log of its share of the reasoner's
             preference over them (the softmax of the attention bias, with `retrieval_rerank`
-            the token match too) plus, with `retrieval_quote`, -log of its share of the
+            and `retrieval_match_question` their token matches too) plus, with `retrieval_quote`, -log of its share of the
             quote's attention. The fetched chunks are the gold one's nearest rivals (the same
             relation about a person with a similar name): this teaches the step which of them
             to read and quote. 0: off. train/ and val/retrieval_pick log the gold chunk's mean share.
