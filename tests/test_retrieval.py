@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from split_model.reasoner import Reasoner, ReasonerConfig
-from split_model.reasoner.retrieval import Retrieved
+from split_model.reasoner.retrieval import MATCH_GAIN, MATCH_TOKENS, Retrieved, quote_weights
 
 C, N_TOK, S, D, DK, V = 40, 6, 2, 16, 12, 30  # two stored layers: the quote reads both
 
@@ -350,7 +350,8 @@ def test_matching_the_question_starts_as_the_keys_ranking_and_learns(query):
 def test_a_chunk_is_ranked_by_the_question_tokens_it_matches():
     """log p of the fetched chunks = log_softmax over j of query . key_j + scale x sum over the
     question's real tokens i of w_i x max over chunk j's real tokens of the cosine of their
-    states (per layer, averaged), w the attention of match_read(x) over the question's states;
+    states (per layer, averaged), w the attention of match_read(x) over the question's states,
+    scale = MATCH_GAIN x match_scale;
     computed here by hand. Under `previous`, a step after the first (its query a proposal)
     is ranked by its keys alone."""
     r = twin(model("none", query="previous"), retrieval_match_question=True)
@@ -373,7 +374,7 @@ def test_a_chunk_is_ranked_by_the_question_tokens_it_matches():
                 chunk = lookup.states[c][lookup.mask[c]]  # (n_real, S, D)
                 cos = torch.stack([F.cosine_similarity(states[row][:, None, s], chunk[None, :, s], dim=-1)
                                    for s in range(S)]).mean(0)  # (N, n_real)
-                expected[row, j] = q[row, 0] @ lookup.keys[c] + 2.5 * (w * cos.amax(-1)).sum()
+                expected[row, j] = q[row, 0] @ lookup.keys[c] + 2.5 * MATCH_GAIN * (w * cos.amax(-1)).sum()
     torch.testing.assert_close(lookup.observed[-1][:, 0], expected.log_softmax(-1), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # a later step under `previous`: the proposal's keys alone
         previous = torch.randn(b, 1, DK)
@@ -381,6 +382,65 @@ def test_a_chunk_is_ranked_by_the_question_tokens_it_matches():
         ids = (F.normalize(previous, dim=-1) @ lookup.keys.T).topk(3, -1).indices
         keys_alone = torch.einsum("btd,btkd->btk", previous, lookup.keys[ids]).log_softmax(-1)
     torch.testing.assert_close(lookup.observed[-1], keys_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_matching_the_quote_starts_as_the_keys_ranking_and_learns():
+    """retrieval_match_quote's scale starts at zero: outputs equal the model's without it; the
+    loss reaches the scale; with it open, the parallel pass (which packs the quoted tokens into
+    each proposal) and the step-by-step path agree, outputs and gradients."""
+    plain = model("all", query="previous", quote=True)
+    matching = twin(plain, retrieval_match_quote=True)
+    assert float(matching.retrieval.quote_match_scale) == 0.0
+    out, ref = same_outputs(matching, plain)
+    out.square().mean().backward()
+    assert matching.retrieval.quote_match_scale.grad.abs() > 0
+    with torch.no_grad():
+        matching.retrieval.quote_match_scale.fill_(3.0)
+    tokens, latent, states, mask = inputs()
+    grads = []
+    for run in (lambda m: matching(tokens, latent, m), lambda m: stepwise(matching, tokens, latent, m)):
+        matching.zero_grad()
+        result = run(memory(matching, states, mask, BruteLookup()))
+        result.square().mean().backward()
+        grads.append((result.detach(), matching.retrieval.quote_read.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-3, atol=1e-5)
+    assert (grads[0][0] - ref).abs().max() > 1e-3  # the open scale changes what the chunks weigh
+    with pytest.raises(ValueError, match="retrieval_match_quote matches the tokens a quote read"):
+        ReasonerConfig(d_model=32, n_layers=2, n_heads=4, retrieval_k=2, retrieval_query="previous",
+                       retrieval_match_quote=True)
+
+
+def test_a_proposed_query_ranks_chunks_by_the_tokens_its_quote_read_most():
+    """A proposal carries the query, then the MATCH_TOKENS fetched tokens of highest quote
+    weight with those weights; the next step's log p = query . key_j + scale x sum over them of
+    weight x best cosine (per layer, averaged) with chunk j's real tokens; by hand."""
+    r = twin(model("none", query="previous", quote=True), retrieval_match_quote=True)
+    with torch.no_grad():
+        r.retrieval.quote_match_scale.fill_(0.7)
+    b, lookup = 3, BruteLookup()
+    x, hidden = torch.randn(b, 1, 32), torch.randn(b, 1, 32)
+    with torch.no_grad():
+        fetched = r.retrieval(x, torch.tensor([0]), lookup, r.adapter)
+        packed = r.retrieval.propose(hidden, fetched)
+        weights = quote_weights(r.retrieval.quote_read(hidden), fetched.raw, fetched.real, bias=fetched.bias)
+        query = r.retrieval.previous(hidden) + r.retrieval.quote_write(torch.einsum("btm,btmd->btd", weights,
+                                                                                    fetched.raw))
+        assert packed.shape == (b, 1, DK + MATCH_TOKENS * (S * D + 1))
+        torch.testing.assert_close(packed[..., :DK], query)
+        r.retrieval(x, torch.tensor([1]), lookup, r.adapter, previous=packed)
+        q, weights = packed[:, 0, :DK], weights[:, 0]  # (B, Dk), (B, M)
+        ids = (F.normalize(q, dim=-1) @ lookup.keys.T).topk(3, -1).indices  # (B, k)
+        expected = torch.empty(b, 3)
+        for row in range(b):
+            top = weights[row].topk(MATCH_TOKENS)
+            quoted = fetched.raw[row, 0, top.indices].view(MATCH_TOKENS, S, D)
+            for j, c in enumerate(ids[row].tolist()):
+                chunk = lookup.states[c][lookup.mask[c]]  # (n_real, S, D)
+                cos = torch.stack([F.cosine_similarity(quoted[:, None, s], chunk[None, :, s], dim=-1)
+                                   for s in range(S)]).mean(0)  # (P, n_real)
+                expected[row, j] = q[row] @ lookup.keys[c] + 0.7 * MATCH_GAIN * (top.values * cos.amax(-1)).sum()
+    torch.testing.assert_close(lookup.observed[-1][:, 0], expected.log_softmax(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_matching_the_question_needs_the_store_to_hold_the_memory_layers():

@@ -83,6 +83,10 @@ class ReasonerConfig:
             against "Sel" and "##im"), with the embeddings stored, word for word. Needs the
             memory to read the layers the store holds. At initialisation the ranking is the
             one without it.
+        retrieval_match_quote: the same for a query the previous step proposed (retrieval_quote):
+            the 4 fetched tokens its quote weighed most (the name it read), with their weights,
+            travel with the proposal and take the question's place. Its own zero-initialised
+            scale.
         memory_window: each memory token also takes in the states of the memory_window
             tokens on either side: a second projection of the backbone states mixed along the
             tokens by a depthwise convolution (zero-initialised), added to the adapted state
@@ -116,6 +120,7 @@ class ReasonerConfig:
     retrieval_quote_question: bool = False  # a query formed from the layer also quotes the question's memory states
     retrieval_rerank: bool = False  # the fetched chunks are also scored by their best-matching token
     retrieval_match_question: bool = False  # ... and, at a layer-formed query, by the question's tokens they match
+    retrieval_match_quote: bool = False  # ... and, at a proposed query, by the tokens its quote read most
     memory_window: int = 0  # tokens either side that each memory token takes in (a convolution)
     memory_layers: int = 0  # trainable self-attention layers over the memory, once per context
 
@@ -154,6 +159,8 @@ class ReasonerConfig:
             raise ValueError("retrieval_rerank ranks the fetched chunks: it needs retrieval_k > 0")
         if self.retrieval_match_question and not self.retrieval_k:
             raise ValueError("retrieval_match_question ranks the fetched chunks: it needs retrieval_k > 0")
+        if self.retrieval_match_quote and not self.retrieval_quote:
+            raise ValueError("retrieval_match_quote matches the tokens a quote read: it needs retrieval_quote")
         if self.memory_layers < 0 or self.memory_window < 0:
             raise ValueError(f"memory_layers and memory_window must be >= 0, got {self.memory_layers}, "
                              f"{self.memory_window}")

@@ -53,7 +53,7 @@ class ReasonerState:
     memory: MemoryKV  # cross-attention keys/values of the context
     caches: list[LayerCache] | None  # per block, self-attention K/V of past steps
     layer_states: torch.Tensor | None  # (L+1, B, 1, d): every layer's output at the last step
-    proposal: torch.Tensor | None = None  # (B, 1, Dk) the retrieval query the last step proposed (query: previous)
+    proposal: torch.Tensor | None = None  # (B, 1, Dk+) the query the last step proposed (query: previous), + match tokens
 
     @property
     def position(self) -> int:
@@ -129,7 +129,8 @@ class Reasoner(nn.Module):
                                            quote_dim=num_states * memory_dim if cfg.retrieval_quote else 0,
                                            rerank_dim=num_states * memory_dim if cfg.retrieval_rerank else 0,
                                            question_dim=num_states * memory_dim if cfg.retrieval_quote_question else 0,
-                                           match_dim=num_states * memory_dim if cfg.retrieval_match_question else 0)
+                                           match_dim=num_states * memory_dim if cfg.retrieval_match_question else 0,
+                                           match_quote=cfg.retrieval_match_quote)
         if cfg.memory_window:  # created last, for the same reason
             self.adapter.window = MemoryWindow(num_states * memory_dim, cfg.d_model, cfg.memory_window)
         if cfg.memory_layers:  # created last, for the same reason

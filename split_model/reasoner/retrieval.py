@@ -26,6 +26,9 @@ also scores each fetched chunk by the question's tokens it contains: sum over th
 tokens of their weight (an attention from the querying state) times their best cosine with any
 of the chunk's tokens, times a learned scale that starts at zero. A probe vector matches one
 token; the asked name is two or three, and this counts each of its pieces.
+`retrieval_match_quote` does the same at a query the previous step proposed, with the
+MATCH_TOKENS fetched tokens its quote weighed most (the name it read) in place of the
+question's: the proposal carries them, packed after the query.
 
 With `retrieval_query: previous`, step t+1's query is what step t proposes (`propose`): a
 projection of its normed final hidden state and, with `retrieval_quote`, a quote of what it
@@ -52,6 +55,11 @@ import torch.nn.functional as F
 from torch import nn
 
 NEG = -1e4  # score of an empty slot: finite, so a step with no chunk at all stays NaN-free
+# The question match's scale is this times a parameter that starts at zero: Adam moves a parameter
+# by about the learning rate per step, and a match that must outweigh the keys' ranking needs a
+# scale of several units (with 1x, 1.5 after 1,000 steps of the knowledge world at lr 2e-3).
+MATCH_GAIN = 10.0
+MATCH_TOKENS = 4  # retrieval_match_quote: the quoted tokens of highest weight a proposal carries (a name's pieces)
 
 
 @dataclass
@@ -99,15 +107,18 @@ class RetrievalHead(nn.Module):
     """Turns a reasoner state into a store query and fetched chunks into attention tokens."""
 
     def __init__(self, d_model: int, key_dim: int, every: int, from_previous: bool = False, quote_dim: int = 0,
-                 rerank_dim: int = 0, question_dim: int = 0, match_dim: int = 0):
+                 rerank_dim: int = 0, question_dim: int = 0, match_dim: int = 0, match_quote: bool = False):
         """quote_dim: width of the fetched memory states a proposal quotes, S * D_mem for S stored
         layers (0: no quoting); rerank_dim: the same width, where the fetched chunks are also
         scored by their best-matching token (0: by their keys alone); question_dim: width of the
         question's memory states (S * D_mem for the S layers the memory reads) that a query
         formed from the layer quotes (0: none); match_dim: the same width, where a query formed
-        from the layer also ranks the fetched chunks by the question's tokens they match (0: not)."""
+        from the layer also ranks the fetched chunks by the question's tokens they match (0: not);
+        match_quote: a proposed query also ranks them by the tokens its quote weighed most (needs
+        quote_dim)."""
         super().__init__()
         self.every = every
+        self.key_dim = key_dim
         self.query = nn.Linear(d_model, key_dim, bias=False)  # reasoner width -> key space
         # retrieval_query previous: a second projection, of the previous step's final hidden state
         self.previous = nn.Linear(d_model, key_dim, bias=False) if from_previous else None
@@ -130,13 +141,19 @@ class RetrievalHead(nn.Module):
         self.match_read = self.match_scale = None
         if match_dim:  # retrieval_match_question: created last, for the same reason
             self.match_read = nn.Linear(d_model, match_dim, bias=False)  # which of the question's tokens to match
-            self.match_scale = nn.Parameter(torch.zeros(()))  # starts as the ranking without it
+            self.match_scale = nn.Parameter(torch.zeros(()))  # x MATCH_GAIN; starts as the ranking without it
+        self.quote_match_scale = None
+        if match_quote:  # retrieval_match_quote: created last, for the same reason
+            if not quote_dim:
+                raise ValueError("match_quote matches the tokens a quote read: it needs quote_dim")
+            self.quote_match_scale = nn.Parameter(torch.zeros(()))  # x MATCH_GAIN; starts at the ranking without it
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module,
                 previous: torch.Tensor | None = None, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None) -> Fetched | None:
         """x (B, T, d) states of the querying layer at steps `positions` (T,); previous (B, T, Dk):
-        the query each position's previous step proposed (`propose`), used at positions > 0
+        the proposal of each position's previous step (`propose`: the query, then with
+        match_quote the quoted tokens), used at positions > 0
         where the head queries from the previous step; question (B, N, S*D_mem) and
         question_mask (B, N): the question's memory states, quoted by a query formed from the
         layer (retrieval_quote_question). None when no position queries (a step between
@@ -153,7 +170,7 @@ class RetrievalHead(nn.Module):
             weights = quote_weights(self.ask_read(x), states, question_mask[:, None, :].expand(-1, x.shape[1], -1))
             q = q + self.ask_write(torch.einsum("btn,btnd->btd", weights, states))
         if self.previous is not None and previous is not None:
-            q = torch.where((positions == 0)[None, :, None], q, previous)
+            q = torch.where((positions == 0)[None, :, None], q, previous[..., : self.key_dim])
         found = lookup(q.detach(), positions)
         b, t, k, n = found.mask.shape
         valid = (found.ids >= 0) & asking[None, :, None]  # (B, T, k)
@@ -170,7 +187,12 @@ class RetrievalHead(nn.Module):
             if formed:
                 part = self._match_question(x[:, :formed], question, question_mask, found.states[:, :formed],
                                             found.mask[:, :formed])
-                scores = scores + F.pad(self.match_scale * part, (0, 0, 0, t - formed))
+                scores = scores + F.pad(MATCH_GAIN * self.match_scale * part, (0, 0, 0, t - formed))
+        if self.quote_match_scale is not None and previous is not None:  # position 0's proposal is zeros: adds 0
+            s, d = found.states.shape[-2:]
+            packed = previous[..., self.key_dim :].unflatten(-1, (MATCH_TOKENS, s * d + 1))  # (B, T, P, S*D + 1)
+            part = token_match(packed[..., -1], packed[..., :-1].unflatten(-1, (s, d)), found.states, found.mask)
+            scores = scores + MATCH_GAIN * self.quote_match_scale * part
         scores = scores.masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
         ids = found.ids.masked_fill(~valid, -1)
@@ -197,11 +219,7 @@ class RetrievalHead(nn.Module):
                              "store holds")
         states = question.to(x.dtype)[:, None].expand(-1, t, -1, -1)  # (B, T, N, S*D), no copy
         weights = quote_weights(self.match_read(x), states, question_mask[:, None, :].expand(-1, t, -1))  # (B, T, N)
-        asked = F.normalize(question.to(x.dtype).unflatten(-1, (s, d)), dim=-1)  # (B, N, S, D)
-        tokens = F.normalize(chunks.to(x.dtype), dim=-1)  # (B, T, k, n, S, D)
-        similar = torch.einsum("bisd,btkjsd->btkij", asked, tokens) / s  # (B, T, k, N, n)
-        best = similar.masked_fill(~chunk_mask[:, :, :, None, :], -1.0).amax(-1)  # (B, T, k, N); -1: no token
-        return torch.einsum("bti,btki->btk", weights, best)
+        return token_match(weights, states.unflatten(-1, (s, d)), chunks.to(x.dtype), chunk_mask)
 
     def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
         """The query each position proposes for the step after it: hidden (B, T, d), its normed
@@ -210,12 +228,35 @@ class RetrievalHead(nn.Module):
         memory states mapped into the key space (zero where a position fetched nothing)."""
         proposal = self.previous(hidden)
         if self.quote_write is None or fetched is None:
-            return proposal
+            if self.quote_match_scale is None:
+                return proposal
+            return F.pad(proposal, (0, MATCH_TOKENS * (self.quote_write.in_features + 1)))  # no tokens: weight 0
         raw = fetched.raw  # (B, T, M, S*D_mem)
         weights = quote_weights(self.quote_read(hidden), raw, fetched.real, bias=fetched.bias)  # likelier chunks first
         b, t, k = fetched.ids.shape
         fetched.lookup.observe_quote(fetched.positions, fetched.ids, weights.view(b, t, k, -1).sum(-1))
-        return proposal + self.quote_write(torch.einsum("btm,btmd->btd", weights, raw))
+        proposal = proposal + self.quote_write(torch.einsum("btm,btmd->btd", weights, raw))
+        if self.quote_match_scale is None:
+            return proposal
+        # retrieval_match_quote: the MATCH_TOKENS tokens the quote weighed most, with their weights, packed
+        # after the query (fewer fetched tokens than that: the rest weigh 0).
+        top = weights.topk(min(MATCH_TOKENS, weights.shape[-1]), dim=-1)  # (B, T, P')
+        tokens = raw.gather(2, top.indices[..., None].expand(-1, -1, -1, raw.shape[-1]))  # (B, T, P', S*D)
+        carried = F.pad(torch.cat([tokens, top.values[..., None]], -1), (0, 0, 0, MATCH_TOKENS - top.indices.shape[-1]))
+        return torch.cat([proposal, carried.flatten(-2)], -1)  # (B, T, Dk + P * (S*D + 1))
+
+
+def token_match(weights: torch.Tensor, asked: torch.Tensor, chunks: torch.Tensor,
+                chunk_mask: torch.Tensor) -> torch.Tensor:
+    """weights (B, T, I) of the asked tokens asked (B, T, I, S, D); chunks (B, T, k, n, S, D) the
+    fetched chunks' memory states, chunk_mask (B, T, k, n). (B, T, k): per chunk, the sum over
+    the asked tokens of their weight times their best cosine similarity (per layer, averaged
+    over the S layers) with any of the chunk's real tokens (-1 where it has none)."""
+    asked = F.normalize(asked.to(chunks.dtype), dim=-1)
+    tokens = F.normalize(chunks, dim=-1)
+    similar = torch.einsum("btisd,btkjsd->btkij", asked, tokens) / chunks.shape[-2]  # (B, T, k, I, n)
+    best = similar.masked_fill(~chunk_mask[:, :, :, None, :], -1.0).amax(-1)  # (B, T, k, I)
+    return torch.einsum("bti,btki->btk", weights.to(best.dtype), best)
 
 
 def quote_weights(probe: torch.Tensor, states: torch.Tensor, real: torch.Tensor,
