@@ -37,7 +37,7 @@ VARIANTS = {
     "no_retrieval": ["--model.reasoner.feedback=all", "--model.reasoner.retrieval_k=0",
                      "--model.reasoner.retrieval_quote=false", "--model.reasoner.retrieval_rerank=false",
                      "--model.reasoner.retrieval_quote_question=false", "--model.reasoner.retrieval_match_question=false",
-                     "--model.retrieval_pick_loss=0",
+                     "--model.reasoner.retrieval_match_quote=false", "--model.retrieval_pick_loss=0",
                      "--model.store=null"],
 }
 STEPS = 6000  # optimizer steps per variant (--steps overrides)

@@ -59,8 +59,8 @@ class ReasonerConfig:
             projection. The first hop's query then carries the asked name as the memory
             holds it, as later hops' quotes carry the names they read; at initialisation the
             query is exactly the one without it. With retrieval_rerank and the module's
-            retrieval_pick_loss, the best knowledge-world runs so far (README, "The first query
-            quoting the question"); off by default until the bench has measured it.
+            retrieval_pick_loss, on in configs/world.yaml (README, "The first query quoting the
+            question").
         retrieval_rerank: the fetched chunks' log-probabilities (the attention bias, the
             quote's preference) also score each chunk's best-matching token: the query mapped
             by a zero-initialised projection onto the tokens' memory states (every stored
@@ -70,8 +70,8 @@ class ReasonerConfig:
             the k chunks it fetched. The projection reads the query detached (the query learns
             from the keys alone). With the training module's `retrieval_pick_loss`, on the
             knowledge worlds, the third and fourth hops' facts were found far more often and
-            the second hop's answers less often (README, "Reranking the fetched chunks"):
-            off by default and in configs/world.yaml.
+            the second hop's answers less often (README, "Reranking the fetched chunks"); with
+            retrieval_quote_question too, better at 2 and 3 hops (on in configs/world.yaml).
         retrieval_match_question: where a step's query is formed from its layer (step 0 with
             retrieval_query previous; every querying step with layer), the fetched chunks'
             log-probabilities also count how well their tokens match the question's: an
@@ -82,7 +82,8 @@ class ReasonerConfig:
             matches the asked name piece by piece ("Sel" and "##in" of "Selin" both present,
             against "Sel" and "##im"), with the embeddings stored, word for word. Needs the
             memory to read the layers the store holds. At initialisation the ranking is the
-            one without it.
+            one without it. With retrieval_match_quote, the best knowledge-world runs so far
+            (README, "Matching the asked name token by token").
         retrieval_match_quote: the same for a query the previous step proposed (retrieval_quote):
             the 4 fetched tokens its quote weighed most (the name it read), with their weights,
             travel with the proposal and take the question's place. Its own zero-initialised
