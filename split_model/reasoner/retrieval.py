@@ -151,7 +151,7 @@ class RetrievalHead(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lookup: Lookup, adapter: nn.Module,
                 previous: torch.Tensor | None = None, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None) -> Fetched | None:
-        """x (B, T, d) states of the querying layer at steps `positions` (T,); previous (B, T, Dk):
+        """x (B, T, d) states of the querying layer at steps `positions` (T,); previous (B, T, Dk+):
         the proposal of each position's previous step (`propose`: the query, then with
         match_quote the quoted tokens), used at positions > 0
         where the head queries from the previous step; question (B, N, S*D_mem) and
@@ -191,7 +191,8 @@ class RetrievalHead(nn.Module):
         if self.quote_match_scale is not None and previous is not None:  # position 0's proposal is zeros: adds 0
             s, d = found.states.shape[-2:]
             packed = previous[..., self.key_dim :].unflatten(-1, (MATCH_TOKENS, s * d + 1))  # (B, T, P, S*D + 1)
-            part = token_match(packed[..., -1], packed[..., :-1].unflatten(-1, (s, d)), found.states, found.mask)
+            part = token_match(packed[..., -1], packed[..., :-1].unflatten(-1, (s, d)), found.states.to(q.dtype),
+                               found.mask)
             scores = scores + MATCH_GAIN * self.quote_match_scale * part
         scores = scores.masked_fill(~valid, NEG)
         log_p = scores.log_softmax(-1)  # (B, T, k)
