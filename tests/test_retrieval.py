@@ -100,6 +100,11 @@ def memory(r: Reasoner, states, mask, lookup):
     return mem
 
 
+def layer_cosines(asked: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """(I, S, D) and (n, S, D) -> (I, n): cosine of each pair of tokens per layer, averaged over layers."""
+    return torch.stack([F.cosine_similarity(asked[:, None, s], chunk[None, :, s], dim=-1) for s in range(S)]).mean(0)
+
+
 def stepwise(r: Reasoner, tokens, latent, mem) -> torch.Tensor:
     state, out = r.start(mem), []
     for t in range(tokens.shape[1]):
@@ -372,8 +377,7 @@ def test_a_chunk_is_ranked_by_the_question_tokens_it_matches():
             w = scores.masked_fill(~mask[row], float("-inf")).softmax(-1)  # (N,)
             for j, c in enumerate(ids[row].tolist()):
                 chunk = lookup.states[c][lookup.mask[c]]  # (n_real, S, D)
-                cos = torch.stack([F.cosine_similarity(states[row][:, None, s], chunk[None, :, s], dim=-1)
-                                   for s in range(S)]).mean(0)  # (N, n_real)
+                cos = layer_cosines(states[row], chunk)  # (N, n_real)
                 expected[row, j] = q[row, 0] @ lookup.keys[c] + 2.5 * MATCH_GAIN * (w * cos.amax(-1)).sum()
     torch.testing.assert_close(lookup.observed[-1][:, 0], expected.log_softmax(-1), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # a later step under `previous`: the proposal's keys alone
@@ -437,8 +441,7 @@ def test_a_proposed_query_ranks_chunks_by_the_tokens_its_quote_read_most():
             quoted = fetched.raw[row, 0, top.indices].view(MATCH_TOKENS, S, D)
             for j, c in enumerate(ids[row].tolist()):
                 chunk = lookup.states[c][lookup.mask[c]]  # (n_real, S, D)
-                cos = torch.stack([F.cosine_similarity(quoted[:, None, s], chunk[None, :, s], dim=-1)
-                                   for s in range(S)]).mean(0)  # (P, n_real)
+                cos = layer_cosines(quoted, chunk)  # (P, n_real)
                 expected[row, j] = q[row] @ lookup.keys[c] + 0.7 * MATCH_GAIN * (top.values * cos.amax(-1)).sum()
     torch.testing.assert_close(lookup.observed[-1][:, 0], expected.log_softmax(-1), rtol=1e-5, atol=1e-5)
 

@@ -166,9 +166,8 @@ class RetrievalHead(nn.Module):
             raise ValueError("retrieval_quote_question and retrieval_match_question need the question's memory "
                              "states (encode_memory keeps them)")
         if self.ask_write is not None:
-            states = question.to(x.dtype)[:, None].expand(-1, x.shape[1], -1, -1)  # (B, T, N, S*D_mem), no copy
-            weights = quote_weights(self.ask_read(x), states, question_mask[:, None, :].expand(-1, x.shape[1], -1))
-            q = q + self.ask_write(torch.einsum("btn,btnd->btd", weights, states))
+            states, real = per_position(question.to(x.dtype), question_mask, x.shape[1])
+            q = q + self.ask_write(torch.einsum("btn,btnd->btd", quote_weights(self.ask_read(x), states, real), states))
         if self.previous is not None and previous is not None:
             q = torch.where((positions == 0)[None, :, None], q, previous[..., : self.key_dim])
         found = lookup(q.detach(), positions)
@@ -218,8 +217,8 @@ class RetrievalHead(nn.Module):
             raise ValueError(f"retrieval_match_question compares the question's memory states ({question.shape[-1]} "
                              f"wide) with the store's ({s} layers of {d}): the memory must read the layers the "
                              "store holds")
-        states = question.to(x.dtype)[:, None].expand(-1, t, -1, -1)  # (B, T, N, S*D), no copy
-        weights = quote_weights(self.match_read(x), states, question_mask[:, None, :].expand(-1, t, -1))  # (B, T, N)
+        states, real = per_position(question.to(x.dtype), question_mask, t)
+        weights = quote_weights(self.match_read(x), states, real)  # (B, T, N)
         return token_match(weights, states.unflatten(-1, (s, d)), chunks.to(x.dtype), chunk_mask)
 
     def propose(self, hidden: torch.Tensor, fetched: Fetched | None) -> torch.Tensor:
@@ -245,6 +244,12 @@ class RetrievalHead(nn.Module):
         tokens = raw.gather(2, top.indices[..., None].expand(-1, -1, -1, raw.shape[-1]))  # (B, T, P', S*D)
         carried = F.pad(torch.cat([tokens, top.values[..., None]], -1), (0, 0, 0, MATCH_TOKENS - top.indices.shape[-1]))
         return torch.cat([proposal, carried.flatten(-2)], -1)  # (B, T, Dk + P * (S*D + 1))
+
+
+def per_position(question: torch.Tensor, mask: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The question's states (B, N, W) and mask (B, N) as seen from each of t positions: (B, t, N, W)
+    and (B, t, N), views without a copy."""
+    return question[:, None].expand(-1, t, -1, -1), mask[:, None, :].expand(-1, t, -1)
 
 
 def token_match(weights: torch.Tensor, asked: torch.Tensor, chunks: torch.Tensor,
